@@ -1,0 +1,31 @@
+"""quadtree-vae: exact tiled encode/decode for diffusion VAEs under a memory budget.
+
+>>> import quadtree_vae as qv
+>>> z = qv.encode(vae, x, tile=256)      # == vae.encode(x).latent_dist.mode(), up to float rounding
+>>> y = qv.decode(vae, z, budget="4GB")  # == vae.decode(z).sample
+"""
+
+from .api import decode, encode, plan
+from .errors import (
+    InvalidInputError,
+    LoadError,
+    NonFiniteOutputError,
+    QuadtreeVAEError,
+    UnsupportedArchitectureError,
+)
+from .planner import Plan, Segment
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InvalidInputError",
+    "LoadError",
+    "NonFiniteOutputError",
+    "Plan",
+    "QuadtreeVAEError",
+    "Segment",
+    "UnsupportedArchitectureError",
+    "decode",
+    "encode",
+    "plan",
+]

@@ -1,0 +1,62 @@
+"""What every adapter needs: footprints and work read off the modules' own convs and pads."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from ..errors import UnsupportedArchitectureError
+from ..geometry import POINTWISE, Conv, Footprint, Up, chain
+
+
+def unsupported(model: nn.Module, what: str) -> UnsupportedArchitectureError:
+    return UnsupportedArchitectureError(f"{type(model).__name__}: {what}")
+
+
+def _spatial_pad(conv: nn.modules.conv._ConvNd) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding the conv applies itself, causal convs included."""
+    causal = getattr(conv, "_padding", None)  # Wan/Qwen causal convs pad in forward, not in the conv
+    if causal is not None:
+        return tuple(causal[:4])
+    if isinstance(conv.padding, str):
+        raise UnsupportedArchitectureError(f"{type(conv).__name__} with padding={conv.padding!r}")
+    ph, pw = conv.padding[-2], conv.padding[-1]
+    return pw, pw, ph, ph
+
+
+def conv_footprint(conv: nn.Module, extra_pad: tuple[int, int, int, int] = (0, 0, 0, 0)) -> Footprint:
+    """Footprint of a 2-D/3-D conv over its two spatial axes, plus any explicit pad in front of it."""
+    if not isinstance(conv, nn.modules.conv._ConvNd) or isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        raise UnsupportedArchitectureError(f"expected a convolution, found {type(conv).__name__}")
+    kh, kw = conv.kernel_size[-2:]
+    sh, sw = conv.stride[-2:]
+    if conv.dilation[-2:] != (1, 1) or conv.padding_mode != "zeros":
+        raise UnsupportedArchitectureError(f"{type(conv).__name__} with dilation or non-zero padding mode")
+    left, right, top, bottom = (a + b for a, b in zip(_spatial_pad(conv), extra_pad))
+    if (kh, sh, top, bottom) != (kw, sw, left, right):
+        raise UnsupportedArchitectureError(f"{type(conv).__name__} is not the same along height and width")
+    fp = Conv(kw, sw, (left, right))
+    return POINTWISE if fp == POINTWISE else fp
+
+
+def upsample_footprint(up: nn.Module) -> Footprint:
+    """Nearest-neighbour upsampling by an integer factor (nn.Upsample or a scale factor attribute)."""
+    mode = getattr(up, "mode", "nearest")
+    scale = getattr(up, "scale_factor", 2)
+    scales = scale if isinstance(scale, tuple) else (scale, scale)
+    if mode not in ("nearest", "nearest-exact") or len(set(scales)) != 1 or scales[0] != int(scales[0]):
+        raise UnsupportedArchitectureError(f"upsampling mode={mode!r} scale={scale!r}")
+    return Up(int(scales[0]))
+
+
+def conv_work(module: nn.Module) -> float:
+    """Multiply-adds per output position of all convs inside ``module`` (planner estimate)."""
+    total = 0.0
+    for m in module.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            total += math.prod(m.kernel_size) * m.in_channels * m.out_channels / m.groups
+    return total
+
+
+__all__ = ["chain", "conv_footprint", "conv_work", "unsupported", "upsample_footprint"]

@@ -1,0 +1,200 @@
+"""The engine: executes any network description tile by tile, segment by segment.
+
+An adapter describes a network as a list of :class:`Step` s (the model's own blocks, each with its
+footprint). A plan cuts that list into segments and gives each local segment a tile layout. For
+every tile the engine walks the segment's footprints backwards to get the region each block must
+see, then streams the time chunks through the blocks in order, cropping after each block, with a
+causal cache of the tile's own; the tile's core is written into the segment's output. Segments
+that need the whole frame (attention) run untiled on the materialised tensor between segments.
+GroupNorm statistics are accumulated from the cores the previous segment writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+from torch import nn
+
+from .geometry import POINTWISE, Footprint, Region, halo_regions, produced, sizes_along
+from .norm import Moments, merge_all
+
+
+@dataclass
+class Ctx:
+    """What a step sees besides its input tile."""
+
+    cache: list = field(default_factory=list)  # this tile's causal-cache slots for this step
+    first: bool = True  # first time chunk of the stream
+    stats: Moments | None = None  # whole-frame statistics of the step's input (GroupNorm)
+    skip: torch.Tensor | None = None  # residual input, cropped to the step's output region
+
+
+@dataclass(eq=False)
+class Step:
+    """One block of the network as the engine runs it.
+
+    ``fn(x, ctx)`` runs the model's own module(s) on a tile; ``footprint`` says how it maps
+    regions; ``is_global`` steps need the whole frame (attention); a step with ``norm`` normalises
+    its input with whole-frame statistics; ``skip`` names an earlier step whose *input* this step
+    adds back (a residual that spans a GroupNorm).
+    """
+
+    name: str
+    fn: Callable[[torch.Tensor, Ctx], torch.Tensor]
+    channels: tuple[int, int]
+    footprint: Footprint = POINTWISE
+    is_global: bool = False
+    norm: nn.GroupNorm | None = None
+    skip: int | None = None
+    cache_slots: int = 0
+    time_scale: Fraction = Fraction(1)  # frames out per frame in, for chunks after the first
+    work: float = 0.0  # multiply-adds per output pixel and frame, for the planner
+    temporaries: float = 2.0  # extra full-size activations alive inside the step, for the planner
+
+
+@dataclass(eq=False)
+class Network:
+    """A whole encoder or decoder: steps, and how the model streams time."""
+
+    name: str
+    steps: list[Step]
+    in_channels: int
+    chunks: Callable[[int], list[int]] | None = None  # None: 4-D images, no time axis
+
+    @property
+    def temporal(self) -> bool:
+        return self.chunks is not None
+
+    @property
+    def spatial_factor(self) -> int:
+        """Ratio between the image and latent sides, from the footprints (8 for all supported VAEs)."""
+        sizes = sizes_along([s.footprint for s in self.steps], (4096, 4096))
+        return max(h for h, _ in sizes) // min(h for h, _ in sizes)
+
+
+@dataclass
+class Frames:
+    """A materialised tensor between segments, with the time chunks it streams in."""
+
+    tensor: torch.Tensor
+    bounds: list[tuple[int, int]] | None  # None for 4-D tensors
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.tensor.shape[-2], self.tensor.shape[-1]
+
+    def chunks(self) -> Sequence[tuple[int, int] | None]:
+        return self.bounds if self.bounds is not None else [None]
+
+    def read(self, chunk: tuple[int, int] | None, region: Region | None = None) -> torch.Tensor:
+        x = self.tensor if chunk is None else self.tensor[:, :, chunk[0] : chunk[1]]
+        return x if region is None else x[..., region.y[0] : region.y[1], region.x[0] : region.x[1]]
+
+
+def bounds_of(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    out, t = [], 0
+    for n in lengths:
+        out.append((t, t + n))
+        t += n
+    return out
+
+
+def crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
+    ys, xs = want.within(have)
+    return x[..., ys, xs]
+
+
+@dataclass
+class Run:
+    """Everything the engine needs besides the network and plan."""
+
+    device: torch.device
+    park: torch.device  # where tensors between segments wait
+    output: torch.device  # where the final result goes
+    fixed_stats: dict[int, Moments] = field(default_factory=dict)  # fast mode: step index -> stats
+    tick: Callable[[], None] = lambda: None  # called after each tile x chunk
+
+
+def execute(net: Network, segments: Sequence, x: torch.Tensor, run: Run) -> torch.Tensor:
+    """Run ``net`` on ``x`` following ``segments`` (objects with start, stop, layout)."""
+    steps = net.steps
+    skip_sources = {s.skip for s in steps if s.skip is not None}
+    lengths = net.chunks(x.shape[2]) if net.chunks else None
+    cur = Frames(x, bounds_of(lengths) if lengths else None)
+    kept: dict[int, Frames] = {}
+    pending: Moments | None = None
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if seg.start in skip_sources:
+            kept[seg.start] = cur
+        stats = dict(run.fixed_stats)
+        if steps[seg.start].norm is not None and seg.start not in stats:
+            if pending is None:
+                raise RuntimeError(f"no statistics for {steps[seg.start].name}: the plan must cut before it")
+            stats[seg.start] = pending
+        nxt = steps[seg.stop] if seg.stop < len(steps) else None
+        groups = nxt.norm.num_groups if nxt is not None and nxt.norm is not None and seg.stop not in stats else None
+        target = run.output if last else run.park
+        if steps[seg.start].is_global:
+            cur, pending = _run_global(steps[seg.start], cur, stats.get(seg.start), groups, target, run)
+        else:
+            cur, pending = _run_tiled(net, seg, cur, kept, stats, groups, target, run, skip_sources)
+        for j in [j for j in kept if all(s.skip != j for s in steps[seg.stop :])]:
+            del kept[j]
+    return cur.tensor
+
+
+def _run_global(step: Step, cur: Frames, stats, groups, target, run: Run):
+    pieces, parts = [], []
+    for i, chunk in enumerate(cur.chunks()):
+        y = step.fn(cur.read(chunk).to(run.device), Ctx(first=i == 0, stats=stats))
+        if groups:
+            parts.append(Moments.of(y, groups))
+        pieces.append(y.to(target))
+        run.tick()
+    out = torch.cat(pieces, dim=2) if cur.bounds is not None else pieces[0]
+    return Frames(out, cur.bounds), merge_all(parts) if parts else None
+
+
+def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run: Run, skip_sources):
+    steps = net.steps[seg.start : seg.stop]
+    fps = [s.footprint for s in steps]
+    out: torch.Tensor | None = None
+    out_bounds = None
+    parts: list[Moments] = []
+    for core in seg.layout:
+        regions = halo_regions(fps, core, cur.size)
+        caches = [[None] * s.cache_slots for s in steps]
+        pieces = []
+        for ci, chunk in enumerate(cur.chunks()):
+            t = cur.read(chunk, regions[0]).to(run.device)
+            inputs: dict[int, tuple[torch.Tensor, Region]] = {}
+            for k, step in enumerate(steps):
+                idx = seg.start + k
+                if idx in skip_sources:
+                    inputs[idx] = (t, regions[k])
+                got = produced(step.footprint, regions[k])
+                skip = None
+                if step.skip is not None:
+                    if step.skip in inputs:
+                        skip = crop(*inputs[step.skip], got)
+                    else:
+                        src = kept[step.skip]
+                        skip = src.read(src.chunks()[ci], got).to(run.device)
+                t = step.fn(t, Ctx(caches[k], ci == 0, stats.get(idx), skip))
+                t = crop(t, got, regions[k + 1])
+            if groups:
+                parts.append(Moments.of(t, groups))
+            pieces.append(t.to(target))
+            run.tick()
+        del caches
+        tile = torch.cat(pieces, dim=2) if cur.bounds is not None else pieces[0]
+        if out is None:
+            out = torch.empty(*tile.shape[:-2], *seg.size_out, dtype=tile.dtype, device=target)
+            out_bounds = bounds_of([p.shape[2] for p in pieces]) if cur.bounds is not None else None
+        out[..., core.y[0] : core.y[1], core.x[0] : core.x[1]] = tile
+    assert out is not None, "a segment with an empty layout"
+    return Frames(out, out_bounds), merge_all(parts) if parts else None

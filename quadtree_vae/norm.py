@@ -1,0 +1,65 @@
+"""Exact whole-frame GroupNorm from tiles: per-tile moments merged with the pooled-variance formula.
+
+Each tile contributes the moments of the positions it owns (its core), so every position is
+counted once; moments are held in float64 and merged with Chan's formula, which is exact up to
+rounding however unequal the tiles are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Moments:
+    """Count, mean and sum of squared deviations per (batch, group), in float64."""
+
+    n: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor, groups: int) -> Moments:
+        """Moments of a tile ``x`` (B, C, ...) over each group of ``C // groups`` channels."""
+        v = x.detach().reshape(x.shape[0], groups, -1).to(torch.float64)
+        mean = v.mean(dim=-1)
+        return cls(v.shape[-1], mean, (v - mean[..., None]).square().sum(dim=-1))
+
+    def merge(self, other: Moments) -> Moments:
+        n = self.n + other.n
+        other_mean = other.mean.to(self.mean.device)
+        delta = other_mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2.to(self.m2.device) + delta.square() * (self.n * other.n / n)
+        return Moments(n, mean, m2)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Biased variance, as GroupNorm uses."""
+        return self.m2 / self.n
+
+
+def merge_all(parts: list[Moments]) -> Moments:
+    total = parts[0]
+    for p in parts[1:]:
+        total = total.merge(p)
+    return total
+
+
+def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, stats: Moments) -> torch.Tensor:
+    """``norm(x)`` for a tile ``x`` of a larger frame whose statistics are ``stats``."""
+    b, c = x.shape[:2]
+    g = norm.num_groups
+    rstd = torch.rsqrt(stats.var + norm.eps)
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    scale = rstd.to(x.device, compute).repeat_interleave(c // g, dim=1)  # (B, C)
+    shift = (-stats.mean * rstd).to(x.device, compute).repeat_interleave(c // g, dim=1)
+    if norm.affine:
+        w, bias = norm.weight.to(compute), norm.bias.to(compute)
+        shift = shift * w + bias
+        scale = scale * w
+    view = (b, c) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(view), x.to(compute), scale.view(view)).to(x.dtype)
+

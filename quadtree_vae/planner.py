@@ -1,0 +1,347 @@
+"""The planner: cut a network into segments and give each a tile layout that fits a memory limit.
+
+Cuts are forced before steps that need whole-frame statistics (GroupNorm, exact mode) and around
+steps that need the whole frame (attention); the planner adds a cut wherever the resolution
+changes, so each segment recomputes only its own few pixels of halo. Each local segment is split
+as a quadtree until every tile's estimated peak fits the limit. The limit comes from ``tile``
+(what a ``tile x tile`` tile of the image-resolution segment needs: low-resolution segments get
+tiles of the same memory, which are larger in image pixels) and/or from ``budget``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+
+import torch
+
+from .engine import Network
+from .errors import InvalidInputError
+from .geometry import Layout, Region, check_layout, full, halo_regions, produced, quadtree, sizes_along
+
+MIN_TILE = 16  # px on the image side: two latent pixels; below it the halo is most of the work
+CACHE_T = 2  # frames a causal 3x3x3 conv keeps between chunks
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of steps executed with one tiling (or untiled, for a global step)."""
+
+    start: int
+    stop: int
+    names: tuple[str, ...]
+    is_global: bool
+    size_in: tuple[int, int]
+    size_out: tuple[int, int]
+    layout: Layout
+    peak: int  # estimated device bytes of its largest tile
+    work: float  # estimated multiply-adds with halos recomputed
+    work_untiled: float
+    halo: int  # widest halo of any tile, in pixels of the segment's input
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one encode or decode will run: segments, their tile layouts and memory estimates."""
+
+    op: str
+    network: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    mode: str
+    segments: tuple[Segment, ...]
+    tile_limit: int  # bytes a tile may use on the device
+    budget: int | None
+    park: str  # "device" or "cpu": where tensors wait between segments
+    cut_bytes: int  # largest set of tensors alive between segments
+    _relayout: Callable[[Segment, Layout], Segment] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def peak(self) -> int:
+        """Estimated device bytes at the worst moment (largest tile, plus waiting tensors if parked there)."""
+        tiles = max(s.peak for s in self.segments)
+        return tiles + (self.cut_bytes if self.park == "device" else 0)
+
+    @property
+    def overhead(self) -> float:
+        """Work done relative to the untiled model (halo recompute)."""
+        return sum(s.work for s in self.segments) / max(1.0, sum(s.work_untiled for s in self.segments))
+
+    @property
+    def tiles(self) -> int:
+        return sum(len(s.layout) for s in self.segments)
+
+    def with_layouts(self, layouts: Mapping[int, Sequence[Region]]) -> Plan:
+        """A copy with the given segments (by index) tiled as given; other segments unchanged."""
+        segs = list(self.segments)
+        for i, layout in layouts.items():
+            seg = segs[i]
+            if seg.is_global:
+                raise InvalidInputError(f"segment {i} ({seg.names[0]}) needs the whole frame and cannot be tiled")
+            layout = tuple(layout)
+            try:
+                check_layout(layout, *seg.size_out)
+            except ValueError as e:
+                raise InvalidInputError(f"layout for segment {i}: {e}") from None
+            segs[i] = self._relayout(seg, layout) if self._relayout else replace(seg, layout=layout)
+        return replace(self, segments=tuple(segs))
+
+    def describe(self) -> str:
+        """A human-readable table of the plan."""
+        lines = [
+            f"{self.op} with {self.network}: {tuple(self.in_shape)} -> {tuple(self.out_shape)}, mode={self.mode}",
+            f"tile limit {fmt_bytes(self.tile_limit)}, budget {fmt_bytes(self.budget) if self.budget else 'none'}, "
+            f"tensors between segments on {self.park} ({fmt_bytes(self.cut_bytes)}), "
+            f"estimated peak {fmt_bytes(self.peak)}, work {self.overhead:.3f}x untiled",
+            f"{'#':>3} {'steps':<34} {'in':>11} {'out':>11} {'tiles':>5} {'halo':>4} {'peak':>9} {'work':>6}",
+        ]
+        for i, s in enumerate(self.segments):
+            names = s.names[0] if len(s.names) == 1 else f"{s.names[0]} .. {s.names[-1]}"
+            lines.append(
+                f"{i:>3} {names[:34]:<34} {_wxh(s.size_in):>11} {_wxh(s.size_out):>11} "
+                f"{'all' if s.is_global else len(s.layout):>5} {s.halo:>4} {fmt_bytes(s.peak):>9} "
+                f"{s.work / max(1.0, s.work_untiled):>5.2f}x"
+            )
+        return "\n".join(lines)
+
+
+def _wxh(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+# ------------------------------------------------------------------------------------------ sizes
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_bytes(value: int | float | str | None) -> int | None:
+    """``4GB``, ``512MiB``, ``1.5g`` or a number of bytes (binary units: 1GB = 2**30 bytes)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = int(value)
+    elif isinstance(value, str):
+        s = value.strip().lower().replace(" ", "")
+        num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = s[len(num):]
+        if unit not in _UNITS or not num:
+            raise InvalidInputError(f"cannot read memory size {value!r}: use bytes or a size like '4GB' or '512MB'")
+        n = int(float(num) * _UNITS[unit])
+    else:
+        raise InvalidInputError(f"memory size must be bytes or a string like '4GB', not {type(value).__name__}")
+    if n <= 0:
+        raise InvalidInputError(f"memory size must be positive, got {value!r}")
+    return n
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory on ``device``: CUDA's free bytes, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+# ------------------------------------------------------------------------------------ estimation
+
+
+@dataclass(frozen=True)
+class _Frames:
+    """Largest chunk and total frames at the input of each step (and after the last)."""
+
+    largest: list[int]
+    total: list[int]
+
+
+def _frames(net: Network, t: int) -> _Frames:
+    if not net.temporal:
+        n = len(net.steps) + 1
+        return _Frames([1] * n, [1] * n)
+    lengths = net.chunks(t)
+    first, rest = Fraction(lengths[0]), [Fraction(n) for n in lengths[1:]]
+    largest, total = [], []
+    for i in range(len(net.steps) + 1):
+        largest.append(math.ceil(max([first, *rest])))
+        total.append(math.ceil(first + sum(rest)))
+        if i < len(net.steps):
+            rest = [n * net.steps[i].time_scale for n in rest]
+    return _Frames(largest, total)
+
+
+class _Estimator:
+    """Memory and work of a tile of a segment, from channel counts, regions and frames."""
+
+    def __init__(self, net: Network, frames: _Frames, sizes: list[tuple[int, int]], batch: int, elem: int):
+        self.net, self.frames, self.sizes, self.batch, self.elem = net, frames, sizes, batch, elem
+
+    def tile(self, start: int, stop: int, core: Region) -> tuple[int, float, int]:
+        """(peak bytes, multiply-adds, widest halo) of one tile of steps ``start:stop``."""
+        steps = self.net.steps[start:stop]
+        regions = halo_regions([s.footprint for s in steps], core, self.sizes[start])
+        live, cache, work = 0, 0, 0.0
+        for k, step in enumerate(steps):
+            c_in, c_out = step.channels
+            f_in, f_out = self.frames.largest[start + k], self.frames.largest[start + k + 1]
+            pad = CACHE_T if step.cache_slots else 0
+            a_in, a_out = regions[k].area, produced(step.footprint, regions[k]).area
+            x_in, x_out = c_in * a_in * (f_in + pad), c_out * a_out * f_out
+            live = max(live, x_in + x_out + step.temporaries * max(x_in, x_out))
+            cache += step.cache_slots * c_in * a_in * CACHE_T
+            work += step.work * a_out * self.frames.total[start + k + 1]
+        first = regions[0]
+        ratio_y = self.sizes[start][0] / max(1, self.sizes[stop][0])
+        ratio_x = self.sizes[start][1] / max(1, self.sizes[stop][1])
+        halo = max(
+            round(core.y[0] * ratio_y) - first.y[0], first.y[1] - round(core.y[1] * ratio_y),
+            round(core.x[0] * ratio_x) - first.x[0], first.x[1] - round(core.x[1] * ratio_x), 0,
+        )
+        return int((live + cache) * self.batch * self.elem), work * self.batch, halo
+
+    def segment(self, start: int, stop: int, layout: Layout, is_global: bool) -> Segment:
+        peaks, works, halos = zip(*(self.tile(start, stop, core) for core in layout))
+        untiled = self.tile(start, stop, full(*self.sizes[stop]))[1]
+        return Segment(
+            start, stop, tuple(s.name for s in self.net.steps[start:stop]), is_global,
+            self.sizes[start], self.sizes[stop], layout, max(peaks), sum(works), untiled, max(halos),
+        )
+
+    def frame_bytes(self, i: int) -> int:
+        """Bytes of the whole tensor at the input of step ``i`` (all frames)."""
+        c = self.net.steps[i].channels[0] if i < len(self.net.steps) else self.net.steps[-1].channels[1]
+        h, w = self.sizes[i]
+        return c * h * w * self.frames.total[i] * self.batch * self.elem
+
+
+# ---------------------------------------------------------------------------------------- planning
+
+
+def cut_points(net: Network, mode: str) -> list[int]:
+    """Step indices where a segment starts."""
+    steps = net.steps
+    sizes = sizes_along([s.footprint for s in steps], (1024, 1024))
+    cuts = {0}
+    for i, s in enumerate(steps):
+        if s.is_global:
+            cuts |= {i, i + 1}
+        if s.norm is not None and mode == "exact":
+            cuts.add(i)
+        if sizes[i + 1][0] < sizes[i][0]:  # cut where the tensor is smallest: after a downsampler,
+            cuts.add(i + 1)
+        elif sizes[i + 1][0] > sizes[i][0]:  # before an upsampler
+            cuts.add(i)
+    for i, s in enumerate(steps):  # a residual that spans a cut reads a materialised input
+        if s.skip is not None and any(s.skip < c <= i for c in cuts):
+            cuts.add(s.skip)
+    return sorted(c for c in cuts if c < len(steps))
+
+
+def make_plan(
+    net: Network,
+    op: str,
+    shape: Sequence[int],
+    *,
+    tile: tuple[int, int] | None,
+    budget: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    mode: str = "exact",
+) -> Plan:
+    """Plan ``op`` of an input of ``shape`` (B, C, [T,] H, W) through ``net``."""
+    batch, h, w = shape[0], shape[-2], shape[-1]
+    frames = _frames(net, shape[2] if net.temporal else 1)
+    elem = torch.finfo(dtype).bits // 8
+    sizes = sizes_along([s.footprint for s in net.steps], (h, w))
+    est = _Estimator(net, frames, sizes, batch, elem)
+    image = max(sizes, key=lambda s: s[0] * s[1])
+    bounds = cut_points(net, mode) + [len(net.steps)]
+    spans = list(zip(bounds, bounds[1:]))
+
+    cut_bytes = max(
+        est.frame_bytes(a) + (est.frame_bytes(b) if b < len(net.steps) else 0) for a, b in spans
+    )
+    limit = _tile_limit(net, est, spans, image, tile, frames, batch, elem)
+    if budget is not None or tile is None:
+        total = budget if budget is not None else int(0.9 * available_memory(device))
+        park = "device" if device.type == "cpu" or cut_bytes <= total // 2 else "cpu"
+        room = total - (cut_bytes if park == "device" else 0)
+        limit = room if limit is None else min(limit, room)
+    else:
+        park = "cpu" if device.type == "cuda" else "device"
+    if limit is None or limit <= 0:
+        raise InvalidInputError(
+            f"memory budget too small: {fmt_bytes(budget)} leaves no room for tiles once the "
+            f"{fmt_bytes(cut_bytes)} of tensors between segments are held"
+        )
+
+    segments = []
+    for a, b in spans:
+        is_global = net.steps[a].is_global
+        size = sizes[b]
+        if is_global:
+            layout: Layout = (full(*size),)
+        else:
+            align = max(1, net.spatial_factor * size[0] // image[0])
+            cap = _core_cap(tile, est, a, b, image)
+
+            def fits(r: Region, a=a, b=b) -> bool:
+                return est.tile(a, b, r)[0] <= limit
+
+            layout = quadtree(*size, fits, align=align, cap=cap)
+        segments.append(est.segment(a, b, layout, is_global))
+
+    out_c = net.steps[-1].channels[1]
+    out_shape = (batch, out_c, frames.total[-1], *sizes[-1]) if net.temporal else (batch, out_c, *sizes[-1])
+    return Plan(
+        op, net.name, tuple(shape), out_shape, mode, tuple(segments), int(limit), budget, park, cut_bytes,
+        _relayout=lambda seg, layout: est.segment(seg.start, seg.stop, layout, seg.is_global),
+    )
+
+
+def _core_cap(tile, est: _Estimator, a: int, b: int, image) -> tuple[int, int] | None:
+    """``tile`` caps the side of tiles of segments that touch the image resolution.
+
+    Returned in pixels of the segment's output grid, where its layout lives.
+    """
+    if tile is None or image not in (est.sizes[a], est.sizes[b]):
+        return None
+    return max(1, tile[0] * est.sizes[b][0] // image[0]), max(1, tile[1] * est.sizes[b][1] // image[1])
+
+
+def _tile_limit(net, est: _Estimator, spans, image, tile, frames, batch, elem) -> int | None:
+    """Bytes that a ``tile`` x ``tile`` tile of an image-resolution segment needs, halos all round."""
+    if tile is None:
+        return None
+    worst = 0
+    for a, b in spans:
+        cap = _core_cap(tile, est, a, b, image)
+        if net.steps[a].is_global or cap is None:
+            continue
+        # the same segment on a frame large enough that the tile has neighbours on every side
+        size_in = (3 * tile[0] * est.sizes[a][0] // image[0], 3 * tile[1] * est.sizes[a][1] // image[1])
+        fps = [s.footprint for s in net.steps[a:b]]
+        sub = _Estimator(net, frames, [None] * a + sizes_along(fps, size_in), batch, elem)
+        worst = max(worst, sub.tile(a, b, Region((cap[0], 2 * cap[0]), (cap[1], 2 * cap[1])))[0])
+    return worst or None
