@@ -68,6 +68,26 @@ def decode(
     return _run("decode", vae, z, tile, budget, mode, "error", fallback, output_device, progress, plan)
 
 
+def encode_moments(
+    vae: nn.Module,
+    x: torch.Tensor,
+    tile: int | tuple[int, int] | None = None,
+    budget: int | str | None = None,
+    mode: str = "exact",
+    **options,
+) -> torch.Tensor:
+    """Tiled ``vae.encode(x).latent_dist.parameters``: mean and log-variance (2C channels), for
+    callers that need the whole posterior (``DiagonalGaussianDistribution``), e.g. to sample it.
+    Takes the keyword options of :func:`encode`."""
+    opts = {"frames": "error", "fallback": "error", "output_device": None, "progress": None, "plan": None}
+    unknown = set(options) - set(opts)
+    if unknown:
+        raise TypeError(f"unexpected options {sorted(unknown)}")
+    opts.update(options)
+    return _run("encode", vae, x, tile, budget, mode, opts["frames"], opts["fallback"], opts["output_device"],
+                opts["progress"], opts["plan"], moments=True)
+
+
 def plan(
     vae: nn.Module,
     shape: Sequence[int],
@@ -171,21 +191,24 @@ def _dtype(vae: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
-def _plan(family, vae, op, shape5, tile, budget, mode, device, dtype) -> Plan:
-    net = _network(family, vae, op, mode)
+def _plan(family, vae, op, shape5, tile, budget, mode, device, dtype, moments=False) -> Plan:
+    net = _network(family, vae, op, mode, moments)
     return make_plan(net, op, shape5, tile=_check_tile(tile, net.spatial_factor), budget=parse_bytes(budget),
                      device=device, dtype=dtype, mode=mode)
 
 
-def _network(family: ModuleType, vae: nn.Module, op: str, mode: str) -> Network:
-    return family.encoder(vae, mode) if op == "encode" else family.decoder(vae, mode)
+def _network(family: ModuleType, vae: nn.Module, op: str, mode: str, moments: bool = False) -> Network:
+    return family.encoder(vae, mode, moments) if op == "encode" else family.decoder(vae, mode)
 
 
 # --------------------------------------------------------------------------------------------- run
 
 
-def _untiled(vae: nn.Module, op: str, x: torch.Tensor) -> torch.Tensor:
-    return vae.encode(x).latent_dist.mode() if op == "encode" else vae.decode(x).sample
+def _untiled(vae: nn.Module, op: str, x: torch.Tensor, moments: bool = False) -> torch.Tensor:
+    if op == "decode":
+        return vae.decode(x).sample
+    dist = vae.encode(x).latent_dist
+    return dist.parameters if moments else dist.mode()
 
 
 @contextlib.contextmanager
@@ -202,7 +225,7 @@ def _upcast(vae: nn.Module) -> Iterator[torch.dtype]:
         yield dtype
 
 
-def _run(op, vae, x, tile, budget, mode, frames, fallback, output_device, progress, plan_) -> torch.Tensor:
+def _run(op, vae, x, tile, budget, mode, frames, fallback, output_device, progress, plan_, moments=False):
     _check_options(op, mode, frames, fallback)
     try:
         family = adapters.adapter_for(vae)
@@ -211,7 +234,7 @@ def _run(op, vae, x, tile, budget, mode, frames, fallback, output_device, progre
             raise
         warnings.warn(f"{e}; running the model's own untiled {op} instead", stacklevel=3)
         with torch.no_grad():
-            return _untiled(vae, op, x)
+            return _untiled(vae, op, x, moments)
     name = type(vae).__name__
     if not isinstance(x, torch.Tensor):
         raise InvalidInputError(f"{name} {op}: expected a torch.Tensor, got {type(x).__name__}")
@@ -229,9 +252,9 @@ def _run(op, vae, x, tile, budget, mode, frames, fallback, output_device, progre
 
     with torch.no_grad(), _upcast(vae) as dtype:
         device = _device(vae)
-        net = _network(family, vae, op, mode)
+        net = _network(family, vae, op, mode, moments)
         if plan_ is None:
-            plan_ = _plan(family, vae, op, tuple(x.shape), tile, budget, mode, device, dtype)
+            plan_ = _plan(family, vae, op, tuple(x.shape), tile, budget, mode, device, dtype, moments)
         elif plan_.op != op or plan_.in_shape != tuple(x.shape) or plan_.mode != mode:
             raise InvalidInputError(
                 f"the plan was made for {plan_.op} of {plan_.in_shape} in {plan_.mode} mode, "

@@ -111,19 +111,23 @@ def _mid(prefix: str, mid: nn.Module, steps: list[Step], vae: nn.Module) -> None
         steps += _resnet(f"{prefix}.resnets.{i + 1}", r, len(steps), vae)
 
 
-def encoder(vae: nn.Module, mode: str = "exact") -> Network:
-    """conv_in, down blocks, mid block, norm/act/conv_out, quant_conv; returns the posterior mean."""
+def encoder(vae: nn.Module, mode: str = "exact", moments: bool = False) -> Network:
+    """conv_in, down blocks, mid block, norm/act/conv_out, quant_conv; returns the posterior mean.
+
+    With ``moments`` it returns what the model's ``_encode`` does: mean and log-variance.
+    """
     check(vae)
-    enc, z = vae.encoder, latent_channels(vae)
+    enc = vae.encoder
+    z = 2 * latent_channels(vae) if moments else latent_channels(vae)
     steps = [_conv("encoder.conv_in", enc.conv_in)]
     _blocks("encoder.down_blocks", enc.down_blocks, steps, vae, "downsamplers")
     _mid("encoder.mid_block", enc.mid_block, steps, vae)
     steps.append(_norm_act_conv("encoder.conv_out", enc.conv_norm_out, enc.conv_act, enc.conv_out))
     quant = vae.quant_conv
     if quant is None:
-        steps.append(Step("mean", lambda x, ctx: x[:, :z], (2 * z, z)))
+        steps.append(Step("mean", lambda x, ctx: x[:, :z], (enc.conv_out.out_channels, z)))
     else:
-        steps.append(Step("quant_conv.mean", lambda x, ctx: quant(x)[:, :z], (quant.in_channels, z),
+        steps.append(Step("quant_conv", lambda x, ctx: quant(x)[:, :z], (quant.in_channels, z),
                           conv_footprint(quant), work=conv_work(quant)))
     return Network(f"{type(vae).__name__} encoder", steps, in_channels(vae))
 

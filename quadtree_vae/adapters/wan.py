@@ -108,16 +108,20 @@ def _mid(name: str, mid: nn.Module, vae: nn.Module) -> list[Step]:
     return steps
 
 
-def encoder(vae: nn.Module, mode: str = "exact") -> Network:
-    """conv_in, down blocks, mid block, head, quant_conv; returns the posterior mean (``mode()``)."""
+def encoder(vae: nn.Module, mode: str = "exact", moments: bool = False) -> Network:
+    """conv_in, down blocks, mid block, head, quant_conv; returns the posterior mean (``mode()``).
+
+    With ``moments`` it returns what the model's ``_encode`` does: mean and log-variance.
+    """
     check(vae)
-    enc, z = vae.encoder, latent_channels(vae)
+    enc = vae.encoder
+    z = 2 * latent_channels(vae) if moments else latent_channels(vae)
     steps = [_causal_conv("encoder.conv_in", enc.conv_in)]
     steps += [_block(f"encoder.down_blocks.{i}", b, vae) for i, b in enumerate(enc.down_blocks)]
     steps += _mid("encoder.mid_block", enc.mid_block, vae)
     steps.append(_causal_conv("encoder.conv_out", enc.conv_out, (enc.norm_out, enc.nonlinearity)))
     quant = vae.quant_conv
-    steps.append(Step("quant_conv.mean", lambda x, ctx: quant(x)[:, :z], (quant.in_channels, z),
+    steps.append(Step("quant_conv", lambda x, ctx: quant(x)[:, :z], (quant.in_channels, z),
                       conv_footprint(quant), work=conv_work(quant)))
     return Network(f"{type(vae).__name__} encoder", steps, in_channels(vae),
                    chunks=lambda t: [1] + [4] * ((t - 1) // 4))
