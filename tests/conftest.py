@@ -1,0 +1,101 @@
+"""Shared test models: the real diffusers classes with small seeded random weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+def seeded(cls, seed: int = 0, **config):
+    """An eval-mode model of ``cls`` whose random weights depend only on ``seed``."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return cls(**config).eval()
+
+
+def wan_tiny(seed: int = 0, **overrides):
+    from diffusers import AutoencoderKLWan
+
+    config = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True])
+    config.update(overrides)
+    return seeded(AutoencoderKLWan, seed, **config)
+
+
+def qwen_tiny(seed: int = 0, **overrides):
+    from diffusers import AutoencoderKLQwenImage
+
+    config = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 4], num_res_blocks=1, temperal_downsample=[False, True, True])
+    config.update(overrides)
+    return seeded(AutoencoderKLQwenImage, seed, **config)
+
+
+def sd_tiny(seed: int = 0, **overrides):
+    from diffusers import AutoencoderKL
+
+    config = dict(
+        block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8, latent_channels=4,
+    )
+    config.update(overrides)
+    n = len(config["block_out_channels"])
+    config["down_block_types"] = ("DownEncoderBlock2D",) * n
+    config["up_block_types"] = ("UpDecoderBlock2D",) * n
+    return seeded(AutoencoderKL, seed, **config)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.double() - b.double()).abs().max().item()
+
+
+def untiled_encode(vae, x):
+    with torch.no_grad():
+        return vae.encode(x).latent_dist.mode()
+
+
+def untiled_decode(vae, z):
+    with torch.no_grad():
+        return vae.decode(z).sample
+
+
+def video(b: int, t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """A smooth-ish random clip in [-1, 1] (random noise plus a gradient, so values vary in space)."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(-0.8, 0.8, w)[None, None, None, None, :] * torch.linspace(1, -1, h)[:, None]
+    x = 0.5 * torch.rand(b, 3, t, h, w, generator=g) - 0.25 + ramp
+    return x.clamp(-1, 1)
+
+
+def model_state(vae) -> dict:
+    """Everything that tiling must leave as it found it: attributes, hooks and weights of every module."""
+    state = {}
+    for name, m in vae.named_modules():
+        state[name] = (
+            sorted(vars(m).keys()),
+            len(m._forward_hooks), len(m._forward_pre_hooks),
+            {k: (v.dtype, v.device, v.data_ptr()) for k, v in m.named_parameters(recurse=False)},
+        )
+    return state
+
+
+@pytest.fixture(scope="session")
+def wan():
+    return wan_tiny()
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    return qwen_tiny(seed=1)
+
+
+@pytest.fixture(scope="session")
+def sd():
+    return sd_tiny()
