@@ -147,10 +147,10 @@ def _check_shape(family: ModuleType, vae: nn.Module, op: str, shape: tuple[int, 
     temporal = family is adapters.wan
     name = type(vae).__name__
     ranks = (4, 5) if temporal else (4,)
-    what = "image/video" if op == "encode" else "latent"
+    what = ("an image/video" if temporal else "an image") if op == "encode" else "a latent"
     if len(shape) not in ranks:
         want = "(B, C, H, W) or (B, C, T, H, W)" if temporal else "(B, C, H, W)"
-        raise InvalidInputError(f"{name} {op}: expected a {what} tensor {want}, got shape {shape}")
+        raise InvalidInputError(f"{name} {op}: expected {what} tensor {want}, got shape {shape}")
     if 0 in shape:
         raise InvalidInputError(f"{name} {op}: the input tensor is empty (shape {shape})")
     channels = family.in_channels(vae) if op == "encode" else family.latent_channels(vae)
@@ -216,11 +216,11 @@ def _upcast(vae: nn.Module) -> Iterator[torch.dtype]:
     """Run a float16 VAE whose config asks for ``force_upcast`` in float32, as diffusers pipelines do."""
     dtype = _dtype(vae)
     if dtype == torch.float16 and getattr(vae, "config", {}).get("force_upcast", False):
-        vae.to(torch.float32)
+        nn.Module.to(vae, torch.float32)  # diffusers' own .to() logs a spurious warning on dtype casts
         try:
             yield torch.float32
         finally:
-            vae.to(dtype)
+            nn.Module.to(vae, dtype)
     else:
         yield dtype
 
