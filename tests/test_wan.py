@@ -9,6 +9,7 @@ from conftest import (
     max_diff,
     model_state,
     qwen_tiny,
+    seeded,
     untiled_decode,
     untiled_encode,
     video,
@@ -96,8 +97,6 @@ def test_random_layouts_encode(data, t, b, which, wan, qwen):
 def test_full_default_config_at_small_size(cls):
     """The released widths (base_dim 96, z_dim 16) with random weights, several tiles, image and video."""
     from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
-
-    from conftest import seeded
 
     model = seeded(AutoencoderKLWan if cls == "wan" else AutoencoderKLQwenImage, 5)
     for t in (1, 5) if cls == "wan" else (1,):
