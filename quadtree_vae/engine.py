@@ -29,7 +29,6 @@ class Ctx:
     cache: list = field(default_factory=list)  # this tile's causal-cache slots for this step
     first: bool = True  # first time chunk of the stream
     stats: Moments | None = None  # whole-frame statistics of the step's input (GroupNorm)
-    skip: torch.Tensor | None = None  # residual input, cropped to the step's output region
 
 
 @dataclass(eq=False)
@@ -38,8 +37,9 @@ class Step:
 
     ``fn(x, ctx)`` runs the model's own module(s) on a tile; ``footprint`` says how it maps
     regions; ``is_global`` steps need the whole frame (attention); a step with ``norm`` normalises
-    its input with whole-frame statistics; ``skip`` names an earlier step whose *input* this step
-    adds back (a residual that spans a GroupNorm).
+    its input with whole-frame statistics; ``skip`` names an earlier step whose *input* is joined
+    to this step's result by ``join(result, skip_input)`` (a residual that spans a GroupNorm); the
+    join runs after cropping, so it reads the skip input only where this step's output is kept.
     """
 
     name: str
@@ -49,6 +49,7 @@ class Step:
     is_global: bool = False
     norm: nn.GroupNorm | None = None
     skip: int | None = None
+    join: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     cache_slots: int = 0
     time_scale: Fraction = Fraction(1)  # frames out per frame in, for chunks after the first
     work: float = 0.0  # multiply-adds per output pixel and frame, for the planner
@@ -81,6 +82,7 @@ class Frames:
 
     tensor: torch.Tensor
     bounds: list[tuple[int, int]] | None  # None for 4-D tensors
+    owned: bool = True  # made by the engine, so it may be overwritten once no step needs it
 
     @property
     def size(self) -> tuple[int, int]:
@@ -123,7 +125,7 @@ def execute(net: Network, segments: Sequence, x: torch.Tensor, run: Run) -> torc
     steps = net.steps
     skip_sources = {s.skip for s in steps if s.skip is not None}
     lengths = net.chunks(x.shape[2]) if net.chunks else None
-    cur = Frames(x, bounds_of(lengths) if lengths else None)
+    cur = Frames(x, bounds_of(lengths) if lengths else None, owned=False)
     kept: dict[int, Frames] = {}
     pending: Moments | None = None
     for i, seg in enumerate(segments):
@@ -141,7 +143,8 @@ def execute(net: Network, segments: Sequence, x: torch.Tensor, run: Run) -> torc
         if steps[seg.start].is_global:
             cur, pending = _run_global(steps[seg.start], cur, stats.get(seg.start), groups, target, run)
         else:
-            cur, pending = _run_tiled(net, seg, cur, kept, stats, groups, target, run, skip_sources)
+            reuse = _reusable(steps, seg, kept, target)
+            cur, pending = _run_tiled(net, seg, cur, kept, stats, groups, target, run, skip_sources, reuse)
         for j in [j for j in kept if all(s.skip != j for s in steps[seg.stop :])]:
             del kept[j]
     return cur.tensor
@@ -159,7 +162,23 @@ def _run_global(step: Step, cur: Frames, stats, groups, target, run: Run):
     return Frames(out, cur.bounds), merge_all(parts) if parts else None
 
 
-def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run: Run, skip_sources):
+def _reusable(steps: Sequence[Step], seg, kept: dict[int, Frames], target: torch.device) -> Frames | None:
+    """A kept residual input that this segment's output may overwrite in place.
+
+    When a segment ends in a step that joins a residual from an earlier cut, each tile reads that
+    residual only at its own core, just before writing its result there; if no later step needs
+    the residual, the output can take its memory (SD resnets: one full-frame tensor fewer).
+    """
+    last = steps[seg.stop - 1]
+    src = kept.get(last.skip) if last.skip is not None else None
+    if src is None or not src.owned or src.tensor.device != target:
+        return None
+    if any(s.skip == last.skip for s in steps[seg.stop :]):
+        return None
+    return src
+
+
+def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run: Run, skip_sources, reuse):
     steps = net.steps[seg.start : seg.stop]
     fps = [s.footprint for s in steps]
     out: torch.Tensor | None = None
@@ -177,15 +196,14 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
                 if idx in skip_sources:
                     inputs[idx] = (t, regions[k])
                 got = produced(step.footprint, regions[k])
-                skip = None
+                t = crop(step.fn(t, Ctx(caches[k], ci == 0, stats.get(idx))), got, regions[k + 1])
                 if step.skip is not None:
                     if step.skip in inputs:
-                        skip = crop(*inputs[step.skip], got)
+                        skip = crop(*inputs[step.skip], regions[k + 1])
                     else:
                         src = kept[step.skip]
-                        skip = src.read(src.chunks()[ci], got).to(run.device)
-                t = step.fn(t, Ctx(caches[k], ci == 0, stats.get(idx), skip))
-                t = crop(t, got, regions[k + 1])
+                        skip = src.read(src.chunks()[ci], regions[k + 1]).to(run.device)
+                    t = step.join(t, skip)
             if groups:
                 parts.append(Moments.of(t, groups))
             pieces.append(t.to(target))
@@ -193,7 +211,11 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
         del caches
         tile = torch.cat(pieces, dim=2) if cur.bounds is not None else pieces[0]
         if out is None:
-            out = torch.empty(*tile.shape[:-2], *seg.size_out, dtype=tile.dtype, device=target)
+            shape = (*tile.shape[:-2], *seg.size_out)
+            if reuse is not None and reuse.tensor.shape == shape and reuse.tensor.dtype == tile.dtype:
+                out = reuse.tensor
+            else:
+                out = torch.empty(shape, dtype=tile.dtype, device=target)
             out_bounds = bounds_of([p.shape[2] for p in pieces]) if cur.bounds is not None else None
         out[..., core.y[0] : core.y[1], core.x[0] : core.x[1]] = tile
     assert out is not None, "a segment with an empty layout"

@@ -65,14 +65,15 @@ def _resnet(name: str, r: nn.Module, index: int, vae: nn.Module) -> list[Step]:
     first = _norm_act_conv(f"{name}.conv1", r.norm1, r.nonlinearity, r.conv1)
 
     def second(h: torch.Tensor, ctx: Ctx) -> torch.Tensor:
-        h = r.conv2(r.dropout(r.nonlinearity(group_norm(h, r.norm2, ctx.stats))))
-        x = ctx.skip if shortcut is None else shortcut(ctx.skip)
-        return (x + h) / r.output_scale_factor
+        return r.conv2(r.dropout(r.nonlinearity(group_norm(h, r.norm2, ctx.stats))))
+
+    def join(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return ((x if shortcut is None else shortcut(x)) + h) / r.output_scale_factor
 
     c_out = r.conv2.out_channels
     return [first, Step(f"{name}.conv2", second, (r.conv2.in_channels, c_out), conv_footprint(r.conv2),
-                        norm=r.norm2, skip=index, work=conv_work(r.conv2) + conv_work(shortcut or nn.Identity()),
-                        temporaries=3.0)]
+                        norm=r.norm2, skip=index, join=join,
+                        work=conv_work(r.conv2) + conv_work(shortcut or nn.Identity()), temporaries=3.0)]
 
 
 def _resample(name: str, m: nn.Module, vae: nn.Module) -> Step:
