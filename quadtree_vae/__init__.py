@@ -13,6 +13,7 @@ from .errors import (
     QuadtreeVAEError,
     UnsupportedArchitectureError,
 )
+from .loading import load_vae, random_vae
 from .planner import Plan, Segment
 
 __version__ = "0.1.0"
@@ -27,5 +28,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "decode",
     "encode",
+    "load_vae",
     "plan",
+    "random_vae",
 ]
