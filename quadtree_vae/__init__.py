@@ -13,6 +13,7 @@ from .errors import (
     QuadtreeVAEError,
     UnsupportedArchitectureError,
 )
+from .hooks import disable, enable, tiled
 from .loading import load_vae, random_vae
 from .planner import Plan, Segment
 
@@ -27,8 +28,11 @@ __all__ = [
     "Segment",
     "UnsupportedArchitectureError",
     "decode",
+    "disable",
+    "enable",
     "encode",
     "load_vae",
     "plan",
     "random_vae",
+    "tiled",
 ]
