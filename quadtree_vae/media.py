@@ -1,0 +1,343 @@
+"""Reading images, videos and latent files, and writing them atomically.
+
+Pixels travel as ``uint8`` arrays of shape (T, H, W, 3) (an image is one frame); the model side
+works on float tensors in [-1, 1]. Images go through Pillow, videos through PyAV (FFmpeg), latents
+through safetensors with string metadata.
+
+Every write goes to a temporary file in the destination's folder and is moved into place with
+``os.replace`` only once complete, so a failure never leaves a partial file behind; an existing
+destination is kept unless ``force`` is given, and :func:`check_output` tells so before any
+heavy work. Problems with the files themselves raise :class:`~quadtree_vae.errors.InvalidInputError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InvalidInputError
+
+IMAGE_READ = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+VIDEO_READ = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi", ".m4v")
+IMAGE_WRITE = (".png", ".jpg", ".jpeg", ".webp")
+VIDEO_WRITE = (".mp4", ".webm", ".gif")
+LATENT_EXT = ".safetensors"
+LATENT_KEY = "latent"
+LATENT_FORMAT = "quadtree-vae-latent"
+DEFAULT_FPS = Fraction(16)  # Wan 2.1's native rate: used when nothing says otherwise
+
+# (codec, pixel format, options) per container written
+_VIDEO_CODECS = {
+    ".mp4": ("libx264", "yuv420p", {"crf": "16", "preset": "medium"}),
+    ".webm": ("libvpx-vp9", "yuv420p", {"crf": "24", "b:v": "0"}),
+    ".gif": ("gif", "pal8", {}),
+}
+
+
+@dataclass
+class Media:
+    """Decoded pixels: ``frames`` (T, H, W, 3) uint8; ``fps`` is None for a still image."""
+
+    frames: np.ndarray
+    fps: Fraction | None
+    is_video: bool
+
+    @property
+    def count(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.frames.shape[1]), int(self.frames.shape[2])
+
+
+# ------------------------------------------------------------------------------------------- kinds
+
+
+def kind_of(path: str | os.PathLike[str]) -> str:
+    """"image", "video" or "latent", from the file name's extension."""
+    ext = Path(path).suffix.lower()
+    if ext in IMAGE_READ:
+        return "image"
+    if ext in VIDEO_READ:
+        return "video"
+    if ext == LATENT_EXT:
+        return "latent"
+    raise InvalidInputError(
+        f"{path}: unknown file type {ext or '(no extension)'!r}; images: {', '.join(IMAGE_READ)}; "
+        f"videos: {', '.join(VIDEO_READ)}; latents: {LATENT_EXT}"
+    )
+
+
+def check_output(path: str | os.PathLike[str], force: bool, allowed: tuple[str, ...]) -> Path:
+    """Validate an output path before any heavy work: known extension, existing folder, and no
+    existing file unless ``force``. Returns the path."""
+    p = Path(path)
+    ext = p.suffix.lower()
+    if ext not in allowed:
+        raise InvalidInputError(
+            f"{p}: cannot write {ext or 'a file without extension'!r} here; use one of {', '.join(allowed)}"
+        )
+    if p.is_dir():
+        raise InvalidInputError(f"{p} is a directory; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise InvalidInputError(f"{p}: the folder {parent} does not exist")
+    if p.exists() and not force:
+        raise InvalidInputError(f"{p} already exists; pass --force to overwrite it")
+    return p
+
+
+def check_input(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise InvalidInputError(f"{p}: no such file")
+    if p.is_dir():
+        raise InvalidInputError(f"{p} is a directory, not a file")
+    return p
+
+
+# --------------------------------------------------------------------------------------- atomicity
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (same extension, so writers pick the same format);
+    on success move it onto ``path``, on any failure delete it. Without ``force`` an existing
+    ``path`` (also one that appeared meanwhile) is never replaced."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=f".tmp{p.suffix}", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        if not force and p.exists():
+            raise InvalidInputError(f"{p} already exists; pass --force to overwrite it")
+        mode = _umask_mode()
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, mode)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# ------------------------------------------------------------------------------------------ pixels
+
+
+def to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32 in [-1, 1]."""
+    arr = np.ascontiguousarray(frames)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def from_tensor(x: torch.Tensor) -> np.ndarray:
+    """(T, 3, H, W) float in [-1, 1] -> (T, H, W, 3) uint8 (values outside are clipped)."""
+    y = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return y.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def read_media(path: str | os.PathLike[str]) -> Media:
+    """Read an image (one frame) or a whole video into memory."""
+    p = check_input(path)
+    kind = kind_of(p)
+    if kind == "image":
+        return Media(read_image(p)[None], None, False)
+    if kind == "video":
+        frames, fps = read_video(p)
+        return Media(frames, fps, True)
+    raise InvalidInputError(f"{p}: expected an image or a video, got a latent file")
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """(H, W, 3) uint8, with EXIF orientation applied; alpha is dropped, greyscale expanded."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return np.asarray(im.convert("RGB")).copy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise InvalidInputError(f"{path}: cannot read the image ({e})") from None
+
+
+def read_video(path: str | os.PathLike[str]) -> tuple[np.ndarray, Fraction]:
+    """All frames of the first video stream as (T, H, W, 3) uint8, and the frame rate."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InvalidInputError(f"{path}: the file has no video stream")
+            stream = container.streams.video[0]
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    except av.FFmpegError as e:
+        raise InvalidInputError(f"{path}: cannot read the video ({e})") from None
+    if not frames:
+        raise InvalidInputError(f"{path}: the video has no frames")
+    fps = Fraction(rate).limit_denominator(1001 * 1000) if rate else DEFAULT_FPS
+    return np.stack(frames), fps
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def write_media(path: str | os.PathLike[str], frames: np.ndarray, fps: Fraction | None, force: bool = False) -> None:
+    """Write (T, H, W, 3) uint8 frames atomically: an image extension takes exactly one frame,
+    a video extension any number (at ``fps``, default 16)."""
+    p = Path(path)
+    ext = p.suffix.lower()
+    if ext in IMAGE_WRITE:
+        if frames.shape[0] != 1:
+            raise InvalidInputError(f"{p}: {frames.shape[0]} frames cannot go into an image; use {VIDEO_WRITE}")
+        with atomic_path(p, force) as tmp:
+            _write_image(tmp, frames[0])
+    elif ext in VIDEO_WRITE:
+        with atomic_path(p, force) as tmp:
+            _write_video(tmp, frames, fps or DEFAULT_FPS)
+    else:
+        raise InvalidInputError(f"{p}: cannot write {ext!r}; use one of {', '.join(IMAGE_WRITE + VIDEO_WRITE)}")
+
+
+def _write_image(path: Path, frame: np.ndarray) -> None:
+    from PIL import Image
+
+    im = Image.fromarray(np.ascontiguousarray(frame), "RGB")
+    ext = path.suffix.lower()
+    if ext in (".jpg", ".jpeg"):
+        im.save(path, format="JPEG", quality=95)
+    elif ext == ".webp":
+        im.save(path, format="WEBP", lossless=True)
+    else:
+        im.save(path, format="PNG")
+
+
+def _write_video(path: Path, frames: np.ndarray, fps: Fraction) -> None:
+    import av
+
+    ext = path.suffix.lower()
+    codec, pix_fmt, options = _VIDEO_CODECS[ext]
+    t, h, w = frames.shape[:3]
+    if pix_fmt == "yuv420p" and (h % 2 or w % 2):
+        raise InvalidInputError(f"{path.name}: {ext} needs an even height and width, got {h}x{w}")
+    rate = Fraction(fps).limit_denominator(1001 * 1000)
+    fmt = "mp4" if ext == ".mp4" else ("webm" if ext == ".webm" else "gif")
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        if options:
+            stream.options = dict(options)
+        for frame in frames:
+            vf = _gif_frame(frame) if pix_fmt == "pal8" else av.VideoFrame.from_ndarray(
+                np.ascontiguousarray(frame), format="rgb24")
+            for packet in stream.encode(vf):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _gif_frame(frame: np.ndarray):
+    """A palette frame (256 colours chosen for this frame) for FFmpeg's GIF encoder."""
+    import av
+    from PIL import Image
+
+    pal_im = Image.fromarray(np.ascontiguousarray(frame), "RGB").quantize(
+        256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    index = np.asarray(pal_im, dtype=np.uint8)
+    rgb = np.array(pal_im.getpalette()[: 256 * 3], dtype=np.uint8).reshape(-1, 3)
+    argb = np.zeros((256, 4), dtype=np.uint8)
+    argb[:, 0] = 255
+    argb[: len(rgb), 1:] = rgb
+    return av.VideoFrame.from_ndarray((np.ascontiguousarray(index), argb), format="pal8")
+
+
+# ------------------------------------------------------------------------------------------ latents
+
+
+def save_latent(path: str | os.PathLike[str], z: torch.Tensor, metadata: Mapping[str, object],
+                force: bool = False) -> None:
+    """Write ``z`` under the key "latent" with string metadata (non-strings are JSON-encoded)."""
+    from safetensors.torch import save_file
+
+    meta = {"format": LATENT_FORMAT}
+    for k, v in metadata.items():
+        if v is None:
+            continue
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
+    with atomic_path(path, force) as tmp:
+        save_file({LATENT_KEY: z.detach().cpu().contiguous()}, str(tmp), metadata=meta)
+
+
+def load_latent(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str, str], list[str]]:
+    """(latent, metadata, notes). A file without a "latent" key but with exactly one tensor is
+    accepted (a note says so); anything else is refused with the keys found."""
+    from safetensors import SafetensorError, safe_open
+
+    p = check_input(path)
+    notes: list[str] = []
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            keys = list(f.keys())
+            if LATENT_KEY in keys:
+                key = LATENT_KEY
+            elif len(keys) == 1:
+                key = keys[0]
+                notes.append(f"{p.name}: no {LATENT_KEY!r} tensor; using the only tensor, {key!r}")
+            else:
+                raise InvalidInputError(
+                    f"{p}: no {LATENT_KEY!r} tensor (found {', '.join(keys[:8]) or 'none'}); "
+                    f"is this a latent file written by `qvae encode`?"
+                )
+            z = f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, InvalidInputError):
+            raise
+        raise InvalidInputError(f"{p}: cannot read the latent file ({e})") from None
+    if not z.is_floating_point():
+        raise InvalidInputError(f"{p}: the latent tensor has dtype {z.dtype}; expected floating point")
+    return z, meta, notes
+
+
+def meta_value(meta: Mapping[str, str], key: str, default=None):
+    """A metadata entry decoded from JSON (plain strings returned as they are)."""
+    if key not in meta:
+        return default
+    try:
+        return json.loads(meta[key])
+    except (TypeError, ValueError):
+        return meta[key]
+
+
+def fps_from_meta(value) -> Fraction | None:
+    if value in (None, "", "null"):
+        return None
+    try:
+        fps = Fraction(str(value))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return fps if fps > 0 else None

@@ -1,0 +1,462 @@
+"""Tests for the qvae command line (in-process through ``main``, plus two real subprocesses),
+and for the helpers it is built on: measure, plot, PSNR/SSIM.
+
+Tiny random models keep this fast: ``random:wan2.1:tiny`` (16 latent channels, 8x/4x factors) and
+``random:sd:tiny`` (4 latent channels), on 64x64 images and 5-frame 32x32 clips.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import quadtree_vae as qv
+from quadtree_vae import cli, media
+from quadtree_vae.cli import RANDOM_NOTE, main
+from quadtree_vae.loading import random_vae
+
+WAN = ["--vae", "random:wan2.1:tiny"]
+SD = ["--vae", "random:sd:tiny"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def _image(h: int = 64, w: int = 64) -> np.ndarray:
+    return cli.sample_image((h, w))
+
+
+def _png(folder: Path, name: str = "in.png", h: int = 64, w: int = 64) -> Path:
+    path = folder / name
+    Image.fromarray(_image(h, w)).save(path)
+    return path
+
+
+def _video(folder: Path, name: str, t: int = 5, fps: int = 10, size: int = 32) -> Path:
+    """A clip written with PyAV (mp4) or Pillow (gif), independent of quadtree_vae.media."""
+    frames = cli.moving_shapes(t, size)
+    path = folder / name
+    if name.endswith(".gif"):
+        ims = [Image.fromarray(f) for f in frames]
+        ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
+        return path
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = size, size, "yuv420p"
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def _meta(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata())
+
+
+def _latent(path: Path) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("latent")
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if ".tmp" in p.name]
+
+
+# --------------------------------------------------------------------------------------- subprocess
+
+
+def test_python_dash_m_help():
+    r = subprocess.run([sys.executable, "-m", "quadtree_vae", "--help"], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    for command in ("encode", "decode", "roundtrip", "inspect", "demo"):
+        assert command in r.stdout
+
+
+def test_console_script_error_exit_code(tmp_path):
+    exe = shutil.which("qvae") or str(Path(sys.executable).parent / "qvae")
+    if not Path(exe).exists():
+        pytest.skip("the qvae console script is not installed")
+    r = subprocess.run([exe, "decode", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "x.png")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "no such file" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_usage_errors_return_2(capsys):
+    assert main(["encode"]) == 2
+    assert main(["frobnicate"]) == 2
+    assert main(["--help"]) == 0
+    assert "usage" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+def test_image_encode_decode_matches_untiled_decode(tmp_path, capsys):
+    src = _png(tmp_path)
+    lat, png = tmp_path / "z.safetensors", tmp_path / "out.png"
+    code, _, err = _run(capsys, "encode", src, "-o", lat, *WAN, "--tile", "32")
+    assert code == 0, err
+    assert RANDOM_NOTE in err
+
+    meta = _meta(lat)
+    z = _latent(lat)
+    assert z.shape == (1, 16, 1, 8, 8)
+    vae = random_vae("wan2.1", tiny=True)
+    assert meta["format"] == "quadtree-vae-latent"
+    assert meta["architecture"] == "wan2.1" and meta["vae_class"] == "AutoencoderKLWan"
+    assert meta["shape"] == "[1, 16, 1, 8, 8]" and meta["kind"] == "image"
+    assert meta["frames"] == "1" and meta["random_weights"] == "true" and meta["note"] == RANDOM_NOTE
+    assert meta["fingerprint"] == qv.loading.fingerprint(vae)
+    assert "fps" not in meta
+
+    # the CLI's latents equal the untiled encoder's
+    x = media.to_tensor(np.asarray(Image.open(src).convert("RGB"))[None]).unsqueeze(2)
+    with torch.no_grad():
+        assert torch.allclose(z, vae.encode(x).latent_dist.mode(), atol=1e-5)
+
+    code, _, err = _run(capsys, "decode", lat, "-o", png, *WAN, "--tile", "32")
+    assert code == 0, err
+    assert RANDOM_NOTE in err
+    assert qv.plan(vae, z.shape, tile=32).tiles > len(qv.plan(vae, z.shape, tile=32).segments)  # really tiled
+    # the tiled decode written by the CLI equals an untiled decode of the same latents, through the files
+    with torch.no_grad():
+        ref = media.from_tensor(vae.decode(_latent(lat)).sample[:, :, 0])[0]
+    got = np.asarray(Image.open(png).convert("RGB"))
+    diff = np.abs(got.astype(int) - ref.astype(int))
+    assert got.shape == (64, 64, 3) and diff.max() <= 1 and (diff == 0).mean() > 0.99
+    assert _no_temp_files(tmp_path)
+
+
+def test_roundtrip_prints_psnr_ssim(tmp_path, capsys):
+    src = _png(tmp_path)
+    code, out, err = _run(capsys, "roundtrip", src, "-o", tmp_path / "rt.webp", *SD, "--tile", "32")
+    assert code == 0, err
+    m = re.search(r"PSNR (\S+) dB\s+SSIM (\S+)", out)
+    assert m, out
+    assert 0 < float(m.group(1)) < 100 and -1 <= float(m.group(2)) <= 1
+    assert Image.open(tmp_path / "rt.webp").size == (64, 64)
+    assert RANDOM_NOTE in err
+
+
+def test_psnr_ssim_values():
+    a = _image(32, 32)[None]
+    assert cli.psnr(a, a) == float("inf") and cli.ssim(a, a) == pytest.approx(1.0)
+    noise = np.random.default_rng(0).integers(0, 256, a.shape, dtype=np.uint8)
+    assert cli.ssim(a, noise) < 0.2 and cli.psnr(a, noise) < 15
+    b = np.clip(a.astype(int) + 2, 0, 255).astype(np.uint8)
+    assert cli.psnr(a, b) > 40 and cli.ssim(a, b) > 0.99
+
+
+def test_sizes_not_multiple_of_8(tmp_path, capsys):
+    src = _png(tmp_path, "odd.png", 60, 70)
+    code, _, err = _run(capsys, "encode", src, "-o", tmp_path / "z.safetensors", *WAN)
+    assert code == 2 and "multiples of 8" in err and "--fit crop" in err and "--fit pad" in err
+    assert "vae:" not in err  # refused before the model was even loaded
+    assert not (tmp_path / "z.safetensors").exists()
+
+    code, _, err = _run(capsys, "encode", src, "-o", tmp_path / "c.safetensors", *SD, "--fit", "crop")
+    assert code == 0, err
+    assert _latent(tmp_path / "c.safetensors").shape == (1, 4, 7, 8)  # 56x64
+    assert _meta(tmp_path / "c.safetensors")["crop_offset"] == "[2, 3]"
+
+    code, _, err = _run(capsys, "encode", src, "-o", tmp_path / "p.safetensors", *SD, "--fit", "pad")
+    assert code == 0, err
+    assert _latent(tmp_path / "p.safetensors").shape == (1, 4, 8, 9)  # 64x72
+    code, _, err = _run(capsys, "decode", tmp_path / "p.safetensors", "-o", tmp_path / "p.png", *SD)
+    assert code == 0, err
+    assert Image.open(tmp_path / "p.png").size == (70, 60)  # the padding is cropped off again
+    assert "cropped the --fit pad border off" in err
+
+
+# ------------------------------------------------------------------------------------------- videos
+
+
+def test_video_encode_decode_keeps_frames_and_fps(tmp_path, capsys):
+    src = _video(tmp_path, "clip.mp4", t=5, fps=10)
+    lat = tmp_path / "clip.safetensors"
+    code, _, err = _run(capsys, "encode", src, "-o", lat, *WAN, "--tile", "16")
+    assert code == 0, err
+    meta = _meta(lat)
+    assert _latent(lat).shape == (1, 16, 2, 4, 4)
+    assert meta["kind"] == "video" and meta["frames"] == "5" and meta["fps"] == "10" and meta["frames_encoded"] == "5"
+
+    for ext in (".mp4", ".gif"):
+        out = tmp_path / f"dec{ext}"
+        code, _, err = _run(capsys, "decode", lat, "-o", out, *WAN)
+        assert code == 0, err
+        m = media.read_media(out)
+        assert m.count == 5 and m.fps == 10 and m.size == (32, 32)
+
+    # video latents do not fit in an image file: refused before decoding
+    code, _, err = _run(capsys, "decode", lat, "-o", tmp_path / "x.png", *WAN)
+    assert code == 2 and "5 frames" in err and not (tmp_path / "x.png").exists()
+
+
+def test_gif_input_and_fps_override(tmp_path, capsys):
+    src = _video(tmp_path, "clip.gif", t=5, fps=20)
+    lat = tmp_path / "g.safetensors"
+    assert _run(capsys, "encode", src, "-o", lat, *WAN)[0] == 0
+    assert _meta(lat)["fps"] == "20"
+    code, _, err = _run(capsys, "decode", lat, "-o", tmp_path / "g.mp4", *WAN, "--fps", "25")
+    assert code == 0, err
+    m = media.read_media(tmp_path / "g.mp4")
+    assert m.count == 5 and m.fps == 25
+
+
+@pytest.mark.parametrize(("policy", "latent_t", "decoded"), [("error", None, None), ("trim", 2, 5), ("pad", 3, 6)])
+def test_frame_policies(tmp_path, capsys, policy, latent_t, decoded):
+    src = _video(tmp_path, "six.mp4", t=6, fps=8)
+    lat = tmp_path / "six.safetensors"
+    argv = ["encode", src, "-o", lat, *WAN] + ([] if policy == "error" else ["--frames", policy])
+    code, _, err = _run(capsys, *argv)
+    if policy == "error":
+        assert code == 2 and "6 frames" in err and "--frames trim" in err and "--frames pad" in err
+        assert "Traceback" not in err and not lat.exists()
+        return
+    assert code == 0, err
+    assert _latent(lat).shape[2] == latent_t
+    meta = _meta(lat)
+    assert meta["frames"] == "6"
+    assert meta.get("frames_trimmed" if policy == "trim" else "frames_padded") == ("1" if policy == "trim" else "3")
+    assert f"--frames {policy}" in err
+    code, _, err = _run(capsys, "decode", lat, "-o", tmp_path / "six_out.mp4", *WAN)
+    assert code == 0, err
+    m = media.read_media(tmp_path / "six_out.mp4")
+    assert m.count == decoded and m.fps == 8
+    if policy == "pad":
+        assert "dropped the 3 padding frame(s)" in err
+
+
+def test_video_through_2d_vae_is_encoded_frame_by_frame(tmp_path, capsys):
+    src = _video(tmp_path, "six.mp4", t=6, fps=8)
+    lat = tmp_path / "sd.safetensors"
+    code, _, err = _run(capsys, "encode", src, "-o", lat, *SD)
+    assert code == 0, err
+    assert "one by one" in err
+    assert _latent(lat).shape == (6, 4, 4, 4) and _meta(lat)["frames_as_batch"] == "true"
+    code, _, err = _run(capsys, "decode", lat, "-o", tmp_path / "sd.mp4", *SD)
+    assert code == 0, err
+    m = media.read_media(tmp_path / "sd.mp4")
+    assert m.count == 6 and m.fps == 8
+
+
+# --------------------------------------------------------------------------------- files and errors
+
+
+def test_refuses_to_overwrite_without_force(tmp_path, capsys):
+    src = _png(tmp_path)
+    lat = tmp_path / "z.safetensors"
+    lat.write_bytes(b"precious")
+    code, _, err = _run(capsys, "encode", src, "-o", lat, *WAN)
+    assert code == 2 and "already exists" in err and "--force" in err
+    assert "vae:" not in err  # checked before loading anything
+    assert lat.read_bytes() == b"precious"
+    code, _, err = _run(capsys, "encode", src, "-o", lat, *WAN, "--force")
+    assert code == 0, err
+    assert _latent(lat).shape == (1, 16, 1, 8, 8)
+
+
+def test_failure_midway_leaves_no_file(tmp_path, capsys, monkeypatch):
+    src = _png(tmp_path)
+    lat = tmp_path / "z.safetensors"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated crash in the encoder")
+
+    monkeypatch.setattr(qv.api, "encode", broken)
+    with pytest.raises(RuntimeError, match="simulated crash"):  # a real bug: its traceback is shown
+        main(["encode", str(src), "-o", str(lat), *WAN])
+    assert not lat.exists() and _no_temp_files(tmp_path)
+    monkeypatch.undo()
+
+    # a writer that dies half-way through the file: no partial output, no temp file, old file kept
+    from PIL import Image as PILImage
+
+    out = tmp_path / "out.png"
+    out.write_bytes(b"old")
+
+    def half_write(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(PILImage.Image, "save", half_write)
+    code, _, err = _run(capsys, "roundtrip", src, "-o", out, *SD, "--force")
+    assert code == 1 and "error: No space left on device" in err and "Traceback" not in err
+    assert out.read_bytes() == b"old" and _no_temp_files(tmp_path)
+
+
+def test_wrong_latent_channels(tmp_path, capsys):
+    lat = tmp_path / "z.safetensors"
+    assert _run(capsys, "encode", _png(tmp_path), "-o", lat, *WAN)[0] == 0
+    code, _, err = _run(capsys, "decode", lat, "-o", tmp_path / "x.png", *SD)
+    assert code == 2
+    assert "16 channels" in err and "takes 4" in err and "--vae" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_other_weights_warn_about_fingerprint(tmp_path, capsys):
+    lat = tmp_path / "z.safetensors"
+    assert _run(capsys, "encode", _png(tmp_path), "-o", lat, *WAN)[0] == 0
+    code, _, err = _run(capsys, "decode", lat, "-o", tmp_path / "x.png", "--vae", "random:wan2.1:tiny:seed=1")
+    assert code == 0, err
+    assert "warning:" in err and "fingerprint" in err
+
+
+def test_unknown_vae_path(tmp_path, capsys):
+    code, _, err = _run(capsys, "encode", _png(tmp_path), "-o", tmp_path / "z.safetensors",
+                        "--vae", tmp_path / "nope" / "vae.safetensors")
+    assert code == 2 and err.startswith("error: ") and "no such file" in err and "Traceback" not in err
+    code, _, err = _run(capsys, "inspect", "--size", "64", "--vae", "random:nonsense")
+    assert code == 2 and "unknown arch" in err
+    with pytest.raises(qv.LoadError):  # --debug shows the traceback
+        main(["encode", str(_png(tmp_path)), "-o", str(tmp_path / "z.safetensors"), "--debug",
+              "--vae", str(tmp_path / "nope.safetensors")])
+
+
+def test_bad_option_values(tmp_path, capsys):
+    src = _png(tmp_path)
+    code, _, err = _run(capsys, "encode", src, "-o", tmp_path / "z.safetensors", *WAN, "--budget", "lots")
+    assert code == 2 and "cannot read memory size" in err
+    code, _, err = _run(capsys, "encode", src, "-o", tmp_path / "z.safetensors", *WAN, "--tile", "8")
+    assert code == 2 and "minimum tile side" in err
+    code, _, err = _run(capsys, "encode", src, "-o", tmp_path / "z.png", *WAN)
+    assert code == 2 and ".safetensors" in err
+    assert list(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+class _FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_bar_and_quiet(tmp_path, monkeypatch, quiet):
+    src = _png(tmp_path)
+    err = _FakeTTY()
+    monkeypatch.setattr(sys, "stderr", err)
+    argv = ["encode", str(src), "-o", str(tmp_path / "z.safetensors"), *WAN, "--tile", "32"]
+    assert main(argv + (["--quiet"] if quiet else [])) == 0
+    text = err.getvalue()
+    if quiet:
+        assert "tile" not in text and "%|" not in text and "vae:" not in text
+        assert text.strip() == f"warning: {RANDOM_NOTE}"  # random weights are always reported
+    else:
+        assert "encode:" in text and "tile" in text and "vae:" in text
+
+
+# ----------------------------------------------------------------------------------- inspect / plot
+
+
+def test_inspect_plan_and_plot(tmp_path, capsys):
+    plot = tmp_path / "layout.png"
+    code, out, err = _run(capsys, "inspect", "--size", "64x64", *WAN, "--tile", "32", "--plot", plot)
+    assert code == 0, err
+    assert "AutoencoderKLWan" in out and "arch wan2.1" in out and "0.9M parameters" in out
+    assert "encode:" in out and "decode:" in out and "halo" in out and "estimated peak" in out
+    assert RANDOM_NOTE in out
+    im = Image.open(plot)
+    assert im.format == "PNG" and im.width >= 64
+    code, _, err = _run(capsys, "inspect", "--size", "64x64", *WAN, "--plot", plot)
+    assert code == 2 and "already exists" in err
+
+    # over an input image, and for a video with a frame count that needs padding
+    code, out, err = _run(capsys, "inspect", _png(tmp_path, h=48, w=64), *SD, "--tile", "16", "--op", "encode",
+                          "--plot", tmp_path / "over.png")
+    assert code == 0, err
+    assert "over the input" in out and "decode with" not in out
+    code, out, _ = _run(capsys, "inspect", "--size", "32", "--frames", "6", *WAN)
+    assert "planning for 9" in out and "(1, 3, 9, 32, 32)" in out
+
+
+def test_inspect_needs_a_size(capsys):
+    code, _, err = _run(capsys, "inspect", *WAN)
+    assert code == 2 and "--size" in err
+
+
+def test_plot_draws_image_resolution_tiles():
+    from quadtree_vae.plot import draw_layout, image_segment
+
+    vae = random_vae("sd", tiny=True)
+    p = qv.plan(vae, (1, 4, 8, 8), tile=32)
+    i, seg = image_segment(p)
+    assert seg.size_out == (64, 64) and len(seg.layout) == 4 and not seg.is_global
+    blank = draw_layout(p)
+    over = draw_layout(p, _image(64, 64))
+    assert blank.size == over.size and blank.width == 384  # small images are drawn enlarged
+    assert np.asarray(blank).std() < np.asarray(over).std()
+
+
+# --------------------------------------------------------------------------------------- demo, measure
+
+
+def test_demo_runs_and_defaults_to_full_model(tmp_path, capsys):
+    assert cli.build_parser().parse_args(["demo"]).vae == "random:wan2.1"
+    assert cli.build_parser().parse_args(["demo"]).size == 256
+    threads = torch.get_num_threads()
+    code, out, err = _run(capsys, "demo", *WAN, "--size", "64", "--out", tmp_path, "--threads", "1")
+    assert code == 0, err
+    assert torch.get_num_threads() == threads  # restored
+    assert RANDOM_NOTE in out
+    rows = [line for line in out.splitlines() if line.startswith(("image", "clip"))]
+    assert len(rows) == 4
+    for row in rows:
+        cells = row.split()
+        assert int(cells[4]) > 1  # several tiles
+        assert float(cells[5]) < 1e-4  # tiled == untiled up to float rounding
+        assert "MiB" in row or "KiB" in row
+    assert (tmp_path / cli.DEMO_LAYOUT).exists()
+    code, _, err = _run(capsys, "demo", *WAN, "--size", "64", "--out", tmp_path)
+    assert code == 2 and "already exists" in err
+
+
+def test_measure_reports_the_peak_of_the_call_only():
+    from quadtree_vae.measure import fmt_seconds, measure
+
+    def allocate(n):
+        t = torch.ones(n // 4)  # n bytes of float32
+        return float(t.sum())
+
+    measure(allocate, 256 * 2**20)  # an earlier, larger peak must not show in the next measurement
+    result, seconds, peak = measure(allocate, 64 * 2**20)
+    assert result == 16 * 2**20 and seconds > 0
+    assert 60 * 2**20 <= peak <= 100 * 2**20
+
+    def fails():
+        raise ValueError("bad things")
+
+    with pytest.raises(ValueError, match="bad things"):
+        measure(fails)
+    assert fmt_seconds(0.5) == "500 ms" and fmt_seconds(3) == "3.00 s"
+
+
+def test_sample_asset_is_bundled():
+    path = Path(qv.__file__).parent / "assets" / "sample.png"
+    assert path.exists() and path.stat().st_size < 300_000
+    im = cli.sample_image()
+    assert im.ndim == 3 and im.shape[2] == 3 and min(im.shape[:2]) >= 256
+    clip = cli.moving_shapes(5, 32)
+    assert clip.shape == (5, 32, 32, 3) and not np.array_equal(clip[0], clip[-1])
