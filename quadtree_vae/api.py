@@ -43,9 +43,10 @@ def encode(
 ) -> torch.Tensor:
     """Tiled ``vae.encode(x).latent_dist.mode()``.
 
-    ``x`` is (B, 3, H, W), or (B, 3, T, H, W) for the Wan/Qwen-Image VAEs, in [-1, 1]. ``tile`` caps
-    the tile side in image pixels; ``budget`` (bytes or "4GB") caps device memory; neither: the
-    device's free memory. ``frames`` says what to do with a video whose frame count is not 1 + 4k
+    ``x`` is (B, 3, H, W), or (B, 3, T, H, W) for the Wan/Qwen-Image VAEs, in [-1, 1]. ``tile`` (int
+    or (h, w), image pixels) is the largest region a block runs on at image resolution, halo
+    included, and so sets the memory of a tile; ``budget`` (bytes or "4GB") caps device memory;
+    neither: the device's free memory. ``frames`` says what to do with a video whose frame count is not 1 + 4k
     ("error", "trim" the extra frames, or "pad" by repeating the last frame). ``fallback="full"``
     runs the model's own untiled path, with a warning, for a model the engine does not support.
     """

@@ -231,14 +231,16 @@ def _split(n: int, align: int) -> int:
 
 
 def even_cuts(n: int, cap: int, align: int = 1) -> list[int]:
-    """Interior cut positions splitting ``n`` into the fewest near-equal parts no longer than ``cap``."""
+    """Interior cut positions splitting ``n`` into the fewest near-equal parts no longer than ``cap``
+    (cuts on multiples of ``align``, as long as that keeps every part within the cap)."""
     parts = -(-n // max(1, cap))
-    cuts = []
-    for i in range(1, parts):
-        c = round(i * n / parts / align) * align
-        if c > (cuts[-1] if cuts else 0) and c < n:
-            cuts.append(c)
-    return cuts
+    while True:
+        cuts = sorted({round(i * n / parts / align) * align for i in range(1, parts)} - {0, n})
+        bounds = [0, *[c for c in cuts if 0 < c < n], n]
+        if all(b - a <= cap for a, b in zip(bounds, bounds[1:])) or align == 1:
+            return bounds[1:-1]
+        align = 1 if parts > n else align
+        parts += 1
 
 
 def quadtree(

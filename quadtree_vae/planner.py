@@ -3,9 +3,10 @@
 Cuts are forced before steps that need whole-frame statistics (GroupNorm, exact mode) and around
 steps that need the whole frame (attention); the planner adds a cut wherever the resolution
 changes, so each segment recomputes only its own few pixels of halo. Each local segment is split
-as a quadtree until every tile's estimated peak fits the limit. The limit comes from ``tile``
-(what a ``tile x tile`` tile of the image-resolution segment needs: low-resolution segments get
-tiles of the same memory, which are larger in image pixels) and/or from ``budget``.
+as a quadtree until every tile's estimated peak fits the limit. The limit comes from ``tile`` and/or
+``budget``. ``tile`` bounds the regions that blocks run on at image resolution, halo included, so a
+block never sees more than ``tile x tile`` pixels there; segments at lower resolution get tiles that
+need no more memory than such a tile (larger in image pixels, so they recompute less).
 """
 
 from __future__ import annotations
@@ -220,6 +221,12 @@ class _Estimator:
         )
         return int((live + cache) * self.batch * self.elem), work * self.batch, halo
 
+    def image_extent(self, start: int, stop: int, core: Region, image: tuple[int, int]) -> tuple[int, int]:
+        """Largest height and width of the regions a tile runs on at image resolution (halo included)."""
+        regions = halo_regions([s.footprint for s in self.net.steps[start:stop]], core, self.sizes[start])
+        at_image = [r for k, r in enumerate(regions) if self.sizes[start + k] == image] or [core]
+        return max(r.h for r in at_image), max(r.w for r in at_image)
+
     def segment(self, start: int, stop: int, layout: Layout, is_global: bool) -> Segment:
         peaks, works, halos = zip(*(self.tile(start, stop, core) for core in layout))
         untiled = self.tile(start, stop, full(*self.sizes[stop]))[1]
@@ -282,7 +289,12 @@ def make_plan(
     cut_bytes = max(
         est.frame_bytes(a) + (est.frame_bytes(b) if b < len(net.steps) else 0) for a, b in spans
     )
-    limit = _tile_limit(net, est, spans, image, tile, frames, batch, elem)
+    probes = {} if tile is None else {
+        (a, b): _probe(net, est, a, b, image, tile, frames, batch, elem)
+        for a, b in spans
+        if not net.steps[a].is_global and image in (sizes[a], sizes[b])
+    }
+    limit = max((peak for _, peak in probes.values()), default=None)
     if budget is not None or tile is None:
         total = budget if budget is not None else int(0.9 * available_memory(device))
         park = "device" if device.type == "cpu" or cut_bytes <= total // 2 else "cpu"
@@ -304,9 +316,13 @@ def make_plan(
             layout: Layout = (full(*size),)
         else:
             align = max(1, net.spatial_factor * size[0] // image[0])
-            cap = _core_cap(tile, est, a, b, image)
+            cap = probes[(a, b)][0] if (a, b) in probes else None
 
-            def fits(r: Region, a=a, b=b) -> bool:
+            def fits(r: Region, a=a, b=b, capped=cap is not None) -> bool:
+                if capped:
+                    eh, ew = est.image_extent(a, b, r, image)
+                    if eh > tile[0] or ew > tile[1]:
+                        return False
                 return est.tile(a, b, r)[0] <= limit
 
             layout = quadtree(*size, fits, align=align, cap=cap)
@@ -320,28 +336,24 @@ def make_plan(
     )
 
 
-def _core_cap(tile, est: _Estimator, a: int, b: int, image) -> tuple[int, int] | None:
-    """``tile`` caps the side of tiles of segments that touch the image resolution.
-
-    Returned in pixels of the segment's output grid, where its layout lives.
-    """
-    if tile is None or image not in (est.sizes[a], est.sizes[b]):
-        return None
-    return max(1, tile[0] * est.sizes[b][0] // image[0]), max(1, tile[1] * est.sizes[b][1] // image[1])
-
-
-def _tile_limit(net, est: _Estimator, spans, image, tile, frames, batch, elem) -> int | None:
-    """Bytes that a ``tile`` x ``tile`` tile of an image-resolution segment needs, halos all round."""
-    if tile is None:
-        return None
-    worst = 0
-    for a, b in spans:
-        cap = _core_cap(tile, est, a, b, image)
-        if net.steps[a].is_global or cap is None:
-            continue
-        # the same segment on a frame large enough that the tile has neighbours on every side
-        size_in = (3 * tile[0] * est.sizes[a][0] // image[0], 3 * tile[1] * est.sizes[a][1] // image[1])
-        fps = [s.footprint for s in net.steps[a:b]]
-        sub = _Estimator(net, frames, [None] * a + sizes_along(fps, size_in), batch, elem)
-        worst = max(worst, sub.tile(a, b, Region((cap[0], 2 * cap[0]), (cap[1], 2 * cap[1])))[0])
-    return worst or None
+def _probe(net, est: _Estimator, a: int, b: int, image, tile, frames, batch, elem) -> tuple[tuple[int, int], int]:
+    """For a segment that runs at image resolution: the largest core (in its output grid) whose
+    regions at image resolution, halo included, stay within ``tile`` when it has neighbours on every
+    side; and the estimated peak bytes of such a tile, which becomes the limit for all segments."""
+    big = (3 * tile[0], 3 * tile[1])  # a frame where the tile has neighbours on every side
+    size_in = (big[0] * est.sizes[a][0] // image[0], big[1] * est.sizes[a][1] // image[1])
+    fps = [s.footprint for s in net.steps[a:b]]
+    sub = _Estimator(net, frames, [None] * a + sizes_along(fps, size_in), batch, elem)
+    scale = (est.sizes[b][0] / image[0], est.sizes[b][1] / image[1])
+    c = (max(1, round(tile[0] * scale[0])), max(1, round(tile[1] * scale[1])))
+    ext = sub.image_extent(a, b, Region((c[0], 2 * c[0]), (c[1], 2 * c[1])), big)
+    halo = max(e - t for t, e in zip(tile, ext))  # both sides together, image pixels
+    smallest = -(-(halo + net.spatial_factor) // net.spatial_factor) * net.spatial_factor
+    if min(tile) < smallest:
+        raise InvalidInputError(
+            f"tile {tile[0]}x{tile[1]} is below the minimum of {smallest} px for {net.name}: its blocks read "
+            f"{halo // 2} px beyond a tile's core on each side at image resolution, and a core needs at least "
+            f"{net.spatial_factor} px"
+        )
+    core = tuple(max(1, int((t - (e - t)) * sc)) for t, e, sc in zip(tile, ext, scale))
+    return core, sub.tile(a, b, Region((core[0], 2 * core[0]), (core[1], 2 * core[1])))[0]

@@ -23,7 +23,7 @@ from quadtree_vae.geometry import grid
 
 TOL = 1e-4
 # (tile, what it exercises) on a 40x56 frame: none of these divides it
-TILES = [16, (24, 40), (16, 64), 200]
+TILES = [24, (24, 40), (24, 64), 200]
 
 
 @pytest.fixture(scope="module", params=["wan", "qwen"])
@@ -31,7 +31,7 @@ def model(request, wan, qwen):
     return {"wan": wan, "qwen": qwen}[request.param]
 
 
-@pytest.mark.parametrize("tile", TILES, ids=["16", "24x40", "strips", "larger-than-frame"])
+@pytest.mark.parametrize("tile", TILES, ids=["24", "24x40", "strips", "larger-than-frame"])
 @pytest.mark.parametrize("t,b", [(1, 2), (5, 1)])
 def test_encode_equals_untiled(model, tile, t, b):
     x = video(b, t, 40, 56, seed=t + b)
@@ -40,7 +40,7 @@ def test_encode_equals_untiled(model, tile, t, b):
     assert max_diff(out, ref) <= TOL
 
 
-@pytest.mark.parametrize("tile", TILES, ids=["16", "24x40", "strips", "larger-than-frame"])
+@pytest.mark.parametrize("tile", TILES, ids=["24", "24x40", "strips", "larger-than-frame"])
 @pytest.mark.parametrize("t,b", [(1, 2), (2, 1)])
 def test_decode_equals_untiled(model, tile, t, b):
     z = torch.randn(b, model.config.z_dim, t, 5, 7, generator=torch.Generator().manual_seed(t))
@@ -102,17 +102,17 @@ def test_full_default_config_at_small_size(cls):
     for t in (1, 5) if cls == "wan" else (1,):
         x = video(1, t, 32, 48, seed=t)
         ref = untiled_encode(model, x)
-        assert max_diff(qv.encode(model, x, tile=16), ref) <= TOL
+        assert max_diff(qv.encode(model, x, tile=24), ref) <= TOL
         z = ref[:, :, :2] if t > 1 else ref
-        assert max_diff(qv.decode(model, z, tile=(16, 24)), untiled_decode(model, z)) <= TOL
+        assert max_diff(qv.decode(model, z, tile=(24, 32)), untiled_decode(model, z)) <= TOL
 
 
 def test_images_as_4d_tensors(wan):
     x = video(2, 1, 40, 56)[:, :, 0]
-    z = qv.encode(wan, x, tile=16)
+    z = qv.encode(wan, x, tile=24)
     assert z.shape == (2, 4, 5, 7)
     assert max_diff(z, untiled_encode(wan, x[:, :, None])[:, :, 0]) <= TOL
-    y = qv.decode(wan, z, tile=16, output_device="cpu")
+    y = qv.decode(wan, z, tile=24, output_device="cpu")
     assert y.shape == (2, 3, 40, 56)
     assert max_diff(y, untiled_decode(wan, z[:, :, None])[:, :, 0]) <= TOL
 
@@ -136,7 +136,7 @@ def test_original_wan_release_fixture():
 def test_model_is_left_as_it_was_also_after_an_error(wan):
     before = model_state(wan)
     x = video(1, 5, 32, 48)
-    qv.encode(wan, x, tile=16)
+    qv.encode(wan, x, tile=24)
     assert model_state(wan) == before
 
     calls = []
@@ -147,7 +147,7 @@ def test_model_is_left_as_it_was_also_after_an_error(wan):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        qv.decode(wan, torch.randn(1, 4, 2, 4, 6), tile=16, progress=fail_midway)
+        qv.decode(wan, torch.randn(1, 4, 2, 4, 6), tile=24, progress=fail_midway)
     assert model_state(wan) == before
     # the model's own untiled path still works afterwards, unaffected
     assert max_diff(untiled_encode(wan, x), untiled_encode(wan_tiny(), x)) == 0
@@ -177,7 +177,7 @@ def test_working_memory_follows_the_tile_not_the_frame(wan):
 
 def test_progress_counts_tiles_times_chunks(qwen):
     seen = []
-    qv.decode(qwen, torch.randn(1, 4, 3, 4, 6), tile=16, progress=lambda d, t: seen.append((d, t)))
+    qv.decode(qwen, torch.randn(1, 4, 3, 4, 6), tile=24, progress=lambda d, t: seen.append((d, t)))
     total = seen[0][1]
     assert seen[0] == (0, total) and seen[-1] == (total, total)
     assert [d for d, _ in seen] == list(range(total + 1))
@@ -188,4 +188,4 @@ def test_qwen_and_wan_from_the_same_weights_agree():
     qwen = qwen_tiny(seed=4, dim_mult=[1, 2, 4, 4])
     qwen.load_state_dict(wan.state_dict())
     x = video(1, 5, 32, 48)
-    assert max_diff(qv.encode(qwen, x, tile=16), qv.encode(wan, x, tile=16)) <= TOL
+    assert max_diff(qv.encode(qwen, x, tile=24), qv.encode(wan, x, tile=24)) <= TOL

@@ -1,0 +1,186 @@
+"""Benchmark: untiled vs diffusers ``enable_tiling`` vs quadtree-vae, on full-size configs.
+
+Prints a markdown table (seconds, time relative to untiled, peak memory, error vs untiled) and
+writes the rows as JSON. Each measurement runs in a fresh Python process, so allocator caches and
+earlier peaks of one method cannot flatter or penalise another. Models are the real diffusers
+classes with their default (released) widths and seeded random weights.
+
+Peak memory: on CPU the increment of the process's peak resident set over its size just before
+the call (the kernel's high-water mark is reset first); on CUDA ``torch.cuda.max_memory_allocated``
+above what was allocated before. Seconds are one timed run after an untimed warm-up on a small
+input (which also warms the thread pool and kernels).
+
+    python benchmarks/bench.py                 # every case (about 25 minutes on 2 CPU cores)
+    python benchmarks/bench.py --only wan      # or sd, qwen
+    python benchmarks/bench.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import quadtree_vae as qv
+from quadtree_vae.measure import peak_tracker
+from quadtree_vae.planner import fmt_bytes
+
+SD_CONFIG = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+# (model, op, input shape, tile, methods)
+CASES = [
+    ("wan2.1", "encode", (1, 3, 1, 512, 512), 256, ["untiled", "diffusers", "exact"]),
+    ("wan2.1", "decode", (1, 16, 1, 64, 64), 256, ["untiled", "diffusers", "exact"]),
+    ("wan2.1", "encode", (1, 3, 5, 256, 256), 128, ["untiled", "diffusers", "exact"]),
+    ("wan2.1", "decode", (1, 16, 2, 32, 32), 128, ["untiled", "diffusers", "exact"]),
+    ("qwen-image", "encode", (1, 3, 1, 512, 512), 256, ["untiled", "diffusers", "exact"]),
+    ("qwen-image", "decode", (1, 16, 1, 64, 64), 256, ["untiled", "diffusers", "exact"]),
+    ("sd", "encode", (1, 3, 512, 512), 256, ["untiled", "diffusers", "exact", "fast"]),
+    ("sd", "decode", (1, 4, 64, 64), 256, ["untiled", "diffusers", "exact", "fast"]),
+    ("sd", "encode", (1, 3, 1024, 1024), 256, ["untiled", "diffusers", "exact", "fast"]),
+    ("sd", "decode", (1, 4, 128, 128), 256, ["untiled", "diffusers", "exact", "fast"]),
+]
+
+
+def build(model: str, device: str) -> torch.nn.Module:
+    from diffusers import AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan
+
+    torch.manual_seed(0)
+    if model == "wan2.1":
+        vae = AutoencoderKLWan()
+    elif model == "qwen-image":
+        vae = AutoencoderKLQwenImage()
+    else:
+        vae = AutoencoderKL(**SD_CONFIG)
+    return vae.eval().to(device)
+
+
+def make_input(op: str, shape: tuple[int, ...], device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    if op == "decode":
+        return torch.randn(shape, generator=g).to(device)
+    h, w = shape[-2:]
+    ramp = torch.linspace(-0.7, 0.7, w) * torch.linspace(1, -1, h)[:, None]
+    return (0.6 * torch.rand(shape, generator=g) - 0.3 + ramp).clamp(-1, 1).to(device)
+
+
+def diffusers_tiling(vae: torch.nn.Module, tile: int) -> None:
+    """diffusers' own tiling at the same tile, stride 3/4 of it (its default ratio 256/192)."""
+    vae.enable_tiling()
+    if hasattr(vae, "tile_sample_min_height"):  # Wan, Qwen-Image
+        vae.tile_sample_min_height = vae.tile_sample_min_width = tile
+        vae.tile_sample_stride_height = vae.tile_sample_stride_width = tile * 3 // 4
+    else:  # AutoencoderKL: tile size from sample_size, overlap 1/4
+        vae.tile_sample_min_size = tile
+        vae.tile_latent_min_size = tile // 8
+        vae.tile_overlap_factor = 0.25
+
+
+def method_fn(vae, op: str, method: str, tile: int):
+    if method == "untiled" or method == "diffusers":
+        if method == "diffusers":
+            diffusers_tiling(vae, tile)
+        if op == "encode":
+            return lambda x: vae.encode(x).latent_dist.mode()
+        return lambda z: vae.decode(z).sample
+    fn = qv.encode if op == "encode" else qv.decode
+    return lambda x: fn(vae, x, tile=tile, mode=method)
+
+
+def child(args: argparse.Namespace) -> None:
+    """One measurement: build, warm up on a small input, then time and track the real call."""
+    torch.set_num_threads(args.threads)
+    model, op, shape, tile, method = json.loads(args.child)
+    shape = tuple(shape)
+    vae = build(model, args.device)
+    fn = method_fn(vae, op, method, tile)
+    small = list(shape)
+    small[-2], small[-1] = (8, 8) if op == "decode" else (64, 64)
+    x = make_input(op, shape, args.device)
+    with torch.no_grad():
+        fn(make_input(op, tuple(small), args.device))
+        with peak_tracker(torch.device(args.device)) as peak:
+            t0 = time.perf_counter()
+            y = fn(x)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+    parked = None
+    if method in ("exact", "fast"):
+        p = qv.plan(vae, shape, tile=tile, mode=method)
+        parked = p.cut_bytes if p.park == "device" else None
+    torch.save(y.cpu(), args.save)
+    print(json.dumps({"seconds": seconds, "peak": peak.bytes, "parked": parked}))
+
+
+def run_one(case, method: str, args: argparse.Namespace, out: Path) -> dict:
+    model, op, shape, tile, _ = case
+    cmd = [sys.executable, __file__, "--child", json.dumps([model, op, shape, tile, method]), "--save", str(out),
+           "--device", args.device, "--threads", str(args.threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if res.returncode:
+        raise RuntimeError(f"{cmd}\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
+    mse = (a.double() - ref.double()).square().mean().item()
+    span = (ref.max() - ref.min()).item()
+    return math.inf if mse == 0 else 10 * math.log10(span * span / mse)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["wan", "qwen", "sd"], help="run one model family")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", default="benchmarks/results.json", help="where to write the rows")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--save", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    prefix = {"wan": "wan2.1", "qwen": "qwen-image", "sd": "sd"}.get(args.only, "")
+    cases = [c for c in CASES if c[0].startswith(prefix)]
+    rows = []
+    header = ("| model | op | input | tile | method | seconds | x untiled | peak memory | of which parked "
+              "| max abs err | PSNR dB |")
+    print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}, float32\n")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            model, op, shape, tile, methods = case
+            results, outputs = {}, {}
+            for m in methods:
+                path = Path(tmp) / f"{m}.pt"
+                results[m] = run_one(case, m, args, path)
+                outputs[m] = torch.load(path)
+            ref, base = outputs["untiled"], results["untiled"]["seconds"]
+            for m in methods:
+                r, y = results[m], outputs[m]
+                err = (y.double() - ref.double()).abs().max().item()
+                row = dict(model=model, op=op, input="x".join(map(str, shape)), tile=tile, method=m,
+                           seconds=r["seconds"], ratio=r["seconds"] / base, peak=r["peak"], parked=r["parked"],
+                           max_abs=err, psnr=psnr(y, ref))
+                rows.append(row)
+                db = "inf" if math.isinf(row["psnr"]) else f"{row['psnr']:.1f}"
+                print(f"| {model} | {op} | {row['input']} | {tile} | {m} | {r['seconds']:.2f} | "
+                      f"{row['ratio']:.2f} | {fmt_bytes(r['peak'])} | {fmt_bytes(r['parked'])} | {err:.2e} | {db} |",
+                      flush=True)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
