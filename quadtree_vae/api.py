@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import adapters
@@ -293,18 +292,21 @@ def _ticker(plan_: Plan, net: Network, t: int, progress: Progress | None) -> Cal
 
 
 def _fast_stats(vae: nn.Module, net: Network, op: str, x: torch.Tensor, plan_: Plan) -> dict[int, Moments]:
-    """GroupNorm statistics estimated from one untiled pass over a downscaled input.
+    """GroupNorm statistics estimated from one untiled pass over a subsampled input.
 
-    The input is shrunk by a power of two until its image side is no larger than the biggest
-    image-resolution tile of the plan (at least 256 px), so the pass costs about one tile.
+    The input keeps every f-th pixel, f the largest power of two that leaves the image's long side
+    at least 256 px: subsampling (unlike averaging) keeps the distribution of the values, whose
+    moments are what GroupNorm needs; the pass costs about 1/f^2 of the whole.
     """
     norms = {id(s.norm): i for i, s in enumerate(net.steps) if s.norm is not None}
     if not norms:
         return {}
-    image = max((s.size_out for s in plan_.segments), key=lambda s: s[0] * s[1])
-    side = max(256, max(max(r.h, r.w) for s in plan_.segments if s.size_out == image for r in s.layout))
-    factor = 2 ** max(0, math.ceil(math.log2(max(image) / side)))
-    small = _downscale(x, factor, op, net.spatial_factor)
+    image = max((s for seg in plan_.segments for s in (seg.size_in, seg.size_out)), key=lambda s: s[0] * s[1])
+    factor = 2 ** max(0, int(math.log2(max(image) / 256))) if max(image) > 256 else 1
+    small = x[..., ::factor, ::factor]
+    if op == "encode":  # the encoder takes sides that are multiples of its factor
+        unit = net.spatial_factor
+        small = small[..., : max(unit, small.shape[-2] // unit * unit), : max(unit, small.shape[-1] // unit * unit)]
     found: dict[int, Moments] = {}
     hooks = []
 
@@ -315,17 +317,8 @@ def _fast_stats(vae: nn.Module, net: Network, op: str, x: torch.Tensor, plan_: P
         for s in net.steps:
             if s.norm is not None:
                 hooks.append(s.norm.register_forward_pre_hook(grab))
-        _untiled(vae, op, small)
+        _untiled(vae, op, small.contiguous())
     finally:
         for h in hooks:
             h.remove()
     return found
-
-
-def _downscale(x: torch.Tensor, factor: int, op: str, spatial: int) -> torch.Tensor:
-    if factor == 1:
-        return x
-    h, w = x.shape[-2:]
-    unit = spatial if op == "encode" else 1
-    size = (max(unit, h // factor // unit * unit), max(unit, w // factor // unit * unit))
-    return F.interpolate(x, size=size, mode="area")

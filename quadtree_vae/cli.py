@@ -186,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", default=None, metavar="SIZE",
                    help="device memory budget, e.g. 4GB or 512MB (default: the device's free memory)")
     g.add_argument("--tile", type=_parse_tile, default=None, metavar="N|HxW",
-                   help="largest tile side in image pixels (min 16)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+                   help="largest region, in image pixels, a block runs on at image resolution, halo "
+                        "included (the model sets a minimum, e.g. 24 for Wan 2.1)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     g.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
     g.add_argument("--mode", choices=("exact", "fast"), default="exact",
                    help="exact: equal to the untiled model; fast: GroupNorm statistics estimated once")
@@ -322,7 +323,8 @@ def _load(args, out: _Out):
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
-        vae = parse_vae_spec(args.vae, device=args.device, dtype=args.dtype, arch=args.arch)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        vae = parse_vae_spec(args.vae, device=device, dtype=args.dtype, arch=args.arch)
     info = describe(vae)
     info["fingerprint"] = fingerprint(vae)
     info["spec"] = args.vae if info["random"] else Path(args.vae).name
@@ -879,7 +881,7 @@ def cmd_demo(args, out: _Out) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     layout_path = media.check_output(folder / DEMO_LAYOUT, args.force, (".png",))
     _check_budget(args)
-    cuda = args.device is not None and str(args.device).startswith("cuda")
+    cuda = str(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     own_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

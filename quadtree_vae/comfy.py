@@ -392,21 +392,18 @@ _FALLBACK = (list(FALLBACKS), {
 })
 
 
+def _inputs(name: str, kind: str) -> dict:
+    """The node's inputs: the tensor, the VAE and the tiling options shared by both nodes."""
+    return {"required": {name: (kind,), "vae": ("VAE",), "tile_size": _TILE, "memory_budget_gb": _BUDGET,
+                         "mode": _MODE, "fallback": _FALLBACK}}
+
+
 class QuadtreeVAEEncode:
     """Encode an IMAGE with the VAE tile by tile under a memory budget; equal to VAE Encode."""
 
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI's name
-        return {
-            "required": {
-                "pixels": ("IMAGE",),
-                "vae": ("VAE",),
-                "tile_size": _TILE,
-                "memory_budget_gb": _BUDGET,
-                "mode": _MODE,
-                "fallback": _FALLBACK,
-            }
-        }
+        return _inputs("pixels", "IMAGE")
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "encode"
@@ -423,16 +420,7 @@ class QuadtreeVAEDecode:
 
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI's name
-        return {
-            "required": {
-                "samples": ("LATENT",),
-                "vae": ("VAE",),
-                "tile_size": _TILE,
-                "memory_budget_gb": _BUDGET,
-                "mode": _MODE,
-                "fallback": _FALLBACK,
-            }
-        }
+        return _inputs("samples", "LATENT")
 
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "decode"

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from . import adapters
-from .api import FALLBACKS, FRAMES, MODES, _check_tile, _dtype, decode, encode_moments
+from .api import _check_options, _check_tile, _dtype, decode, encode_moments
 from .errors import InvalidInputError, UnsupportedArchitectureError
 from .planner import parse_bytes
 
@@ -112,12 +112,7 @@ def enable(
     with ``fallback="full"`` such a model is left untouched, with a warning, and keeps running its
     own untiled path.
     """
-    if mode not in MODES:
-        raise InvalidInputError(f"mode must be one of {MODES}, not {mode!r}")
-    if frames not in FRAMES:
-        raise InvalidInputError(f"frames must be one of {FRAMES}, not {frames!r}")
-    if fallback not in FALLBACKS:
-        raise InvalidInputError(f"fallback must be one of {FALLBACKS}, not {fallback!r}")
+    _check_options("encode", mode, frames, fallback)
     if progress is not None and not callable(progress):
         raise InvalidInputError(f"progress must be a callable (done, total), not {type(progress).__name__}")
     _check_tile(tile, 1)

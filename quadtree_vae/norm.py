@@ -22,10 +22,17 @@ class Moments:
 
     @classmethod
     def of(cls, x: torch.Tensor, groups: int) -> Moments:
-        """Moments of a tile ``x`` (B, C, ...) over each group of ``C // groups`` channels."""
-        v = x.detach().reshape(x.shape[0], groups, -1).to(torch.float64)
-        mean = v.mean(dim=-1)
-        return cls(v.shape[-1], mean, (v - mean[..., None]).square().sum(dim=-1))
+        """Moments of a tile ``x`` (B, C, ...) over each group of ``C // groups`` channels.
+
+        One pass over the tile (the same single-pass variance GroupNorm itself computes, in
+        float32 for float32 data); the results are held and merged in float64.
+        """
+        v = x.detach().reshape(x.shape[0], groups, -1)
+        if v.dtype in (torch.float16, torch.bfloat16):
+            v = v.float()
+        var, mean = torch.var_mean(v, dim=-1, correction=0)
+        n = v.shape[-1]
+        return cls(n, mean.to(torch.float64), var.to(torch.float64) * n)
 
     def merge(self, other: Moments) -> Moments:
         n = self.n + other.n

@@ -63,6 +63,9 @@ def test_non_finite_and_non_float_input(wan):
 def test_tile_and_budget_checks(wan):
     x = video(1, 1, 32, 32)
     refuses(f"below the minimum tile side of {MIN_TILE} px", qv.encode, wan, x, tile=8)
+    # the model's halo sets a larger minimum: a block must see its core plus the halo on both sides
+    refuses("below the minimum of 24 px for AutoencoderKLWan decoder: its blocks read 5 px", qv.decode, wan,
+            torch.zeros(1, 4, 1, 4, 4), tile=16)
     refuses("tile must be an int", qv.encode, wan, x, tile="big")
     refuses("cannot read memory size", qv.encode, wan, x, budget="lots")
     refuses("must be positive", qv.encode, wan, x, budget=0)

@@ -460,3 +460,52 @@ def test_sample_asset_is_bundled():
     assert im.ndim == 3 and im.shape[2] == 3 and min(im.shape[:2]) >= 256
     clip = cli.moving_shapes(5, 32)
     assert clip.shape == (5, 32, 32, 3) and not np.array_equal(clip[0], clip[-1])
+
+
+# --------------------------------------------------------------------------- real checkpoint layouts
+
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+
+def test_video_through_an_original_wan_release_file(tmp_path, capsys):
+    """A file in the original Wan 2.1 layout: the CLI's latents and decoded frames equal the untiled model's."""
+    from quadtree_vae.loading import load_vae
+
+    ckpt = FIXTURES / "wan21-original-tiny" / "model.safetensors"
+    src = _video(tmp_path, "in.mp4", t=9, size=64)
+    lat, out = tmp_path / "z.safetensors", tmp_path / "out.mp4"
+    code, _, err = _run(capsys, "encode", src, "-o", lat, "--vae", ckpt, "--tile", "32", "-q")
+    assert code == 0, err
+    assert "random weights" not in err and _meta(lat)["random_weights"] == "false"
+    vae = load_vae(ckpt)
+    frames, _ = media.read_video(src)
+    x = media.to_tensor(frames).permute(1, 0, 2, 3).unsqueeze(0)
+    z = _latent(lat)
+    with torch.no_grad():
+        assert (z - vae.encode(x).latent_dist.mode()).abs().max() <= 1e-4
+    code, _, err = _run(capsys, "decode", lat, "-o", out, "--vae", ckpt, "--tile", "32", "-q")
+    assert code == 0, err
+    decoded, _ = media.read_video(out)
+    assert decoded.shape == (9, 64, 64, 3)
+
+
+def test_image_through_an_ldm_layout_file_with_a_prefix(tmp_path, capsys):
+    """An SD-family file in the ldm layout under a ``first_stage_model.`` prefix, as in full checkpoints."""
+    from safetensors.torch import load_file, save_file
+
+    from quadtree_vae.loading import load_vae
+
+    sd = load_file(FIXTURES / "sd-ldm-tiny" / "model.safetensors")
+    ckpt = tmp_path / "full_checkpoint.safetensors"
+    save_file({f"first_stage_model.{k}": v for k, v in sd.items()}, ckpt)
+    src, lat, png = _png(tmp_path, h=64, w=96), tmp_path / "z.safetensors", tmp_path / "out.png"
+    assert _run(capsys, "encode", src, "-o", lat, "--vae", ckpt, "--tile", "32", "-q")[0] == 0
+    assert _run(capsys, "decode", lat, "-o", png, "--vae", ckpt, "--tile", "32", "-q")[0] == 0
+    vae = load_vae(ckpt)
+    x = media.to_tensor(np.asarray(Image.open(src).convert("RGB"))[None])
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()
+        ref = media.from_tensor(vae.decode(_latent(lat)).sample)[0]
+    assert (_latent(lat) - z).abs().max() <= 1e-4
+    got = np.asarray(Image.open(png).convert("RGB"))
+    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1

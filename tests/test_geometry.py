@@ -154,8 +154,9 @@ def test_moments_merged_from_unequal_tiles_equal_whole_frame_groupnorm(ys, xs, b
     layout = grid(16, 24, ys, xs)
     stats = merge_all([Moments.of(x[..., r.y[0] : r.y[1], r.x[0] : r.x[1]], 4) for r in layout])
     whole = x.double().reshape(b, 4, -1)
-    assert torch.allclose(stats.mean, whole.mean(-1), rtol=1e-12, atol=1e-12)
-    assert torch.allclose(stats.var, whole.var(-1, unbiased=False), rtol=1e-10, atol=1e-12)
+    # per-tile moments are float32-accurate (as GroupNorm's own); merging them loses nothing more
+    assert torch.allclose(stats.mean, whole.mean(-1), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(stats.var, whole.var(-1, unbiased=False), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         ref = norm(x)
         for r in layout:
