@@ -18,6 +18,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURES
 from PIL import Image
 from safetensors import safe_open
 
@@ -464,7 +465,6 @@ def test_sample_asset_is_bundled():
 
 # --------------------------------------------------------------------------- real checkpoint layouts
 
-FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 
 def test_video_through_an_original_wan_release_file(tmp_path, capsys):

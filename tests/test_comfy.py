@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from conftest import FIXTURES
 from safetensors.torch import load_file
 
 from quadtree_vae import InvalidInputError, UnsupportedArchitectureError
@@ -29,8 +30,7 @@ from quadtree_vae import comfy as qc
 from quadtree_vae.loading import vae_from_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures not found at {FIXTURES}")
+
 
 # the engine's own tolerance plus the fixtures' diffusers-vs-original difference (fixtures README)
 TOL = 1e-4 + 6e-6

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES
 from safetensors.torch import load_file, save_file
 
 from quadtree_vae.errors import InvalidInputError, LoadError
@@ -32,11 +33,9 @@ from quadtree_vae.loading import (
     vae_from_state_dict,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 WAN = FIXTURES / "wan21-original-tiny"
 SD = FIXTURES / "sd-ldm-tiny"
 FLUX = FIXTURES / "flux-ldm-tiny"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures not found at {FIXTURES}")
 
 TOL = 1e-4
 
@@ -99,7 +98,6 @@ def _check_ldm(vae, folder, size):
 # ------------------------------------------------------------------------------------------------
 
 
-@needs_fixtures
 @pytest.mark.parametrize(
     ("folder", "layout"), [(WAN, "wan2.1"), (SD, "ldm"), (FLUX, "ldm-noquant")], ids=["wan", "sd", "flux"]
 )
@@ -107,7 +105,6 @@ def test_detect_layout_of_fixtures(folder, layout):
     assert detect_layout(load_file(str(folder / "model.safetensors"))) == layout
 
 
-@needs_fixtures
 @pytest.mark.parametrize("size", ["1x64x80", "9x64x80"])
 def test_wan_fixture_matches_original(wan_vae, wan_cases, size):
     assert type(wan_vae).__name__ == "AutoencoderKLWan"
@@ -116,7 +113,6 @@ def test_wan_fixture_matches_original(wan_vae, wan_cases, size):
     _check_wan(wan_vae, wan_cases, size)
 
 
-@needs_fixtures
 def test_wan_file_as_qwen_image_matches_original(wan_cases):
     vae = load_vae(WAN / "model.safetensors", arch="qwen-image")
     assert type(vae).__name__ == "AutoencoderKLQwenImage"
@@ -124,7 +120,6 @@ def test_wan_file_as_qwen_image_matches_original(wan_cases):
     _check_wan(vae, wan_cases, "9x64x80")
 
 
-@needs_fixtures
 def test_sd_fixture_matches_original(sd_vae):
     assert type(sd_vae).__name__ == "AutoencoderKL"
     cfg = sd_vae.config
@@ -135,7 +130,6 @@ def test_sd_fixture_matches_original(sd_vae):
     _check_ldm(sd_vae, SD, "64x96")
 
 
-@needs_fixtures
 def test_flux_fixture_matches_original(flux_vae):
     assert type(flux_vae).__name__ == "AutoencoderKL"
     cfg = flux_vae.config
@@ -145,7 +139,6 @@ def test_flux_fixture_matches_original(flux_vae):
     _check_ldm(flux_vae, FLUX, "72x88")
 
 
-@needs_fixtures
 def test_arch_keyword_picks_family_factors():
     sdxl = load_vae(SD / "model.safetensors", arch="sdxl")
     assert sdxl.config.scaling_factor == pytest.approx(0.13025) and sdxl.config.force_upcast
@@ -160,7 +153,6 @@ def test_arch_keyword_picks_family_factors():
         load_vae(SD / "model.safetensors", arch="sd9")
 
 
-@needs_fixtures
 def test_in_memory_state_dicts_like_comfyui(wan_vae, sd_vae):
     wan = vae_from_state_dict(load_file(str(WAN / "model.safetensors")))
     assert _same_weights(wan, wan_vae)
@@ -181,7 +173,6 @@ def test_in_memory_state_dicts_like_comfyui(wan_vae, sd_vae):
 # ------------------------------------------------------------------------------------------------
 
 
-@needs_fixtures
 def test_wan_as_pth_with_weights_only(tmp_path, wan_vae):
     path = tmp_path / "wan_2.1_vae.pth"
     torch.save(load_file(str(WAN / "model.safetensors")), path)
@@ -191,7 +182,6 @@ def test_wan_as_pth_with_weights_only(tmp_path, wan_vae):
     assert _same_weights(load_vae(wrapped), wan_vae)
 
 
-@needs_fixtures
 def test_sd_inside_full_checkpoint_ckpt(tmp_path, sd_vae):
     sd = {f"first_stage_model.{k}": v for k, v in load_file(str(SD / "model.safetensors")).items()}
     sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(8, 4, 3, 3)
@@ -206,7 +196,6 @@ def test_sd_inside_full_checkpoint_ckpt(tmp_path, sd_vae):
     _check_ldm(vae, SD, "64x96")
 
 
-@needs_fixtures
 def test_sd_with_vae_prefix_safetensors(tmp_path, sd_vae):
     path = tmp_path / "prefixed.safetensors"
     save_file({f"vae.{k}": v for k, v in load_file(str(SD / "model.safetensors")).items()}, str(path))
@@ -245,7 +234,6 @@ def test_folder_arch_must_fit_class(tmp_path):
         load_vae(tmp_path, arch="sd")
 
 
-@needs_fixtures
 @pytest.mark.parametrize(
     ("dtype", "expected"),
     [("bf16", torch.bfloat16), ("float16", torch.float16), (torch.float32, torch.float32), (None, torch.float32)],
@@ -292,7 +280,6 @@ def test_random_bytes_safetensors(tmp_path):
         load_vae(path)
 
 
-@needs_fixtures
 def test_truncated_safetensors(tmp_path):
     data = (WAN / "model.safetensors").read_bytes()
     body = tmp_path / "cut.safetensors"
@@ -373,7 +360,6 @@ def test_directory_without_config(tmp_path):
         load_vae(tmp_path)
 
 
-@needs_fixtures
 @pytest.mark.parametrize(
     ("folder", "drop", "reported"),
     [
@@ -392,7 +378,6 @@ def test_missing_key_is_refused(tmp_path, folder, drop, reported):
     assert reported in str(info.value)
 
 
-@needs_fixtures
 @pytest.mark.parametrize(
     ("folder", "extra", "reported"),
     [
@@ -411,7 +396,6 @@ def test_unexpected_key_is_refused(tmp_path, folder, extra, reported):
     assert reported in str(info.value)
 
 
-@needs_fixtures
 def test_wrong_shape_is_refused(tmp_path):
     sd = load_file(str(SD / "model.safetensors"))
     sd["decoder.mid.attn_1.q.bias"] = torch.zeros(7)
@@ -507,7 +491,6 @@ def test_fingerprint_tracks_weights_and_dtype():
     assert fingerprint(vae) != fp
 
 
-@needs_fixtures
 def test_describe_loaded(wan_vae, sd_vae):
     info = describe(wan_vae)
     assert info == {
