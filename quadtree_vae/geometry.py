@@ -269,13 +269,3 @@ def quadtree(
 
     roots = grid(h, w, even_cuts(h, cap[0], align), even_cuts(w, cap[1], align)) if cap else (full(h, w),)
     return tuple(t for root in roots for t in rec(root))
-
-
-def scale_layout(layout: Sequence[Region], num: int, den: int, h: int, w: int) -> Layout:
-    """Map a layout to a grid ``num/den`` times as fine, keeping it an exact cover of ``h x w``."""
-
-    def m(v: int, n: int) -> int:
-        return min(n, v * num // den)
-
-    out = tuple(Region((m(r.y[0], h), m(r.y[1], h)), (m(r.x[0], w), m(r.x[1], w))) for r in layout)
-    return tuple(r for r in out if r.area)

@@ -7,7 +7,7 @@ import math
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
-from ..geometry import POINTWISE, Conv, Footprint, Up, chain
+from ..geometry import POINTWISE, Conv, Footprint, Up
 
 
 def unsupported(model: nn.Module, what: str) -> UnsupportedArchitectureError:
@@ -58,5 +58,3 @@ def conv_work(module: nn.Module) -> float:
             total += math.prod(m.kernel_size) * m.in_channels * m.out_channels / m.groups
     return total
 
-
-__all__ = ["chain", "conv_footprint", "conv_work", "unsupported", "upsample_footprint"]
