@@ -511,16 +511,26 @@ def _say_random(info: dict, out: _Out) -> None:
 # ------------------------------------------------------------------------------------------ commands
 
 
-def cmd_encode(args, out: _Out) -> int:
-    dest = media.check_output(args.output, args.force, (media.LATENT_EXT,))
+def _load_source(args, out: _Out, command: str):
+    """Read an image or video and load the VAE, refusing a bad input before the model is loaded.
+
+    Returns (path, media, vae, info, model input, metadata, frames as shown to the model).
+    """
     src_path = media.check_input(args.input)
     if media.kind_of(src_path) == "latent":
-        raise InvalidInputError(f"{src_path} is a latent file; encode takes an image or a video")
+        raise InvalidInputError(f"{src_path} is a latent file; {command} takes an image or a video "
+                                "(use 'qvae decode' for latents)")
     _check_budget(args)
     src = media.read_media(src_path)
-    _fit_size(*src.size, args.fit, src_path.name)  # refuse a bad size before loading the model
+    _fit_size(*src.size, args.fit, src_path.name)
     vae, info = _load(args, out)
-    x, meta, _ = _prepare(src, args, info, src_path.name, out)
+    x, meta, shown = _prepare(src, args, info, src_path.name, out)
+    return src_path, src, vae, info, x, meta, shown
+
+
+def cmd_encode(args, out: _Out) -> int:
+    dest = media.check_output(args.output, args.force, (media.LATENT_EXT,))
+    src_path, src, vae, info, x, meta, _ = _load_source(args, out, "encode")
     plan = _plan_for(vae, "encode", x.shape, args)  # validates tile/budget/shape before the heavy work
     t0 = time.perf_counter()
     z = _run("encode", vae, x, args, "encode", plan)
@@ -620,14 +630,7 @@ def _describe_frames(frames: np.ndarray, fps: Fraction | None) -> str:
 
 def cmd_roundtrip(args, out: _Out) -> int:
     dest = media.check_output(args.output, args.force, media.IMAGE_WRITE + media.VIDEO_WRITE)
-    src_path = media.check_input(args.input)
-    if media.kind_of(src_path) == "latent":
-        raise InvalidInputError(f"{src_path} is a latent file; use 'qvae decode' for it")
-    _check_budget(args)
-    src = media.read_media(src_path)
-    _fit_size(*src.size, args.fit, src_path.name)  # refuse a bad size before loading the model
-    vae, info = _load(args, out)
-    x, meta, shown = _prepare(src, args, info, src_path.name, out)
+    src_path, src, vae, info, x, meta, shown = _load_source(args, out, "roundtrip")
     if shown.shape[0] > 1 and dest.suffix.lower() in media.IMAGE_WRITE:
         raise InvalidInputError(f"{src_path.name} has {shown.shape[0]} frames, which do not fit in {dest.suffix}; "
                                 f"write a video ({', '.join(media.VIDEO_WRITE)})")
