@@ -114,7 +114,7 @@ def plan(
     _check_options(op, mode, "error", "error")
     shape5 = _check_shape(family, vae, op, shape)
     dev = torch.device(device) if device is not None else _device(vae)
-    return _plan(family, vae, op, shape5, tile, budget, mode, dev, dtype or _dtype(vae))
+    return _plan(_network(family, vae, op, mode), op, shape5, tile, budget, mode, dev, dtype or _dtype(vae))
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -191,8 +191,7 @@ def _dtype(vae: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
-def _plan(family, vae, op, shape5, tile, budget, mode, device, dtype, moments=False) -> Plan:
-    net = _network(family, vae, op, mode, moments)
+def _plan(net: Network, op, shape5, tile, budget, mode, device, dtype) -> Plan:
     return make_plan(net, op, shape5, tile=_check_tile(tile, net.spatial_factor), budget=parse_bytes(budget),
                      device=device, dtype=dtype, mode=mode)
 
@@ -254,7 +253,7 @@ def _run(op, vae, x, tile, budget, mode, frames, fallback, output_device, progre
         device = _device(vae)
         net = _network(family, vae, op, mode, moments)
         if plan_ is None:
-            plan_ = _plan(family, vae, op, tuple(x.shape), tile, budget, mode, device, dtype, moments)
+            plan_ = _plan(net, op, tuple(x.shape), tile, budget, mode, device, dtype)
         elif plan_.op != op or plan_.in_shape != tuple(x.shape) or plan_.mode != mode:
             raise InvalidInputError(
                 f"the plan was made for {plan_.op} of {plan_.in_shape} in {plan_.mode} mode, "
