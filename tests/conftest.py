@@ -11,19 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-
-
-def _fixtures() -> Path:
-    """The shared reference fixtures: $QUADTREE_VAE_FIXTURES, else ../shared/fixtures beside the checkout."""
-    candidates = [os.environ.get("QUADTREE_VAE_FIXTURES"), Path(__file__).resolve().parents[1].parent / "shared" /
-                  "fixtures", "/work/shared/fixtures"]
-    for c in candidates:
-        if c and (Path(c) / "wan21-original-tiny" / "model.safetensors").exists():
-            return Path(c)
-    raise RuntimeError(f"reference fixtures not found (looked in {candidates}); set QUADTREE_VAE_FIXTURES")
-
-
-FIXTURES = _fixtures()
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # reference data, made as fixtures/README.md says
 
 
 def seeded(cls, seed: int = 0, **config):
