@@ -8,11 +8,10 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from . import sd, wan
+from .common import Facts
 
 FAMILIES: tuple[ModuleType, ...] = (wan, sd)
-SUPPORTED = (
-    "AutoencoderKLWan (Wan 2.1), AutoencoderKLQwenImage (Qwen-Image), AutoencoderKL (SD 1.x/2.x, SDXL, SD3, Flux)"
-)
+SUPPORTED = ", ".join(family.CLASSES for family in FAMILIES)
 
 
 def adapter_for(vae: object) -> ModuleType:
@@ -30,3 +29,9 @@ def adapter_for(vae: object) -> ModuleType:
         f"{type(vae).__name__} is not a supported VAE class (it has {', '.join(found) or 'no encoder/decoder'}; "
         f"missing: an adapter for this class). Supported: {SUPPORTED}. Pass fallback='full' to run it untiled."
     )
+
+
+def facts(vae: object) -> Facts:
+    """Spatial and temporal factors, frame rule and channels of ``vae``, as its adapter states them."""
+    family = adapter_for(vae)
+    return family.facts(vae)

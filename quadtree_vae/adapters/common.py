@@ -3,11 +3,39 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from ..geometry import POINTWISE, Conv, Footprint, Up
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a front end may ask about a model. Its adapter is the one place that states these."""
+
+    name: str  # the model's class name, for messages
+    spatial_factor: int  # image pixels per latent pixel along each side
+    temporal_factor: int | None  # videos take 1 + temporal_factor * k frames; None: images only (4-D)
+    in_channels: int  # image channels the encoder takes
+    latent_channels: int
+
+    @property
+    def temporal(self) -> bool:
+        return self.temporal_factor is not None
+
+    def extra_frames(self, t: int) -> int:
+        """Frames past the last ``1 + k * temporal_factor`` (the model would drop them); 0 for images."""
+        return (t - 1) % self.temporal_factor if self.temporal else 0
+
+    def latent_frames(self, t: int) -> int:
+        """Latent frames of a clip of ``t`` frames."""
+        return 1 + (t - 1) // self.temporal_factor if self.temporal else t
+
+    def image_frames(self, t_latent: int) -> int:
+        """Frames a clip of ``t_latent`` latent frames decodes to."""
+        return 1 + (t_latent - 1) * self.temporal_factor if self.temporal else t_latent
 
 
 def unsupported(model: nn.Module, what: str) -> UnsupportedArchitectureError:

@@ -16,7 +16,9 @@ from torch import nn
 from ..engine import Ctx, Network, Step
 from ..geometry import POINTWISE, chain
 from ..norm import group_norm
-from .common import conv_footprint, conv_work, unsupported, upsample_footprint
+from .common import Facts, conv_footprint, conv_work, unsupported, upsample_footprint
+
+CLASSES = "AutoencoderKL (SD 1.x/2.x, SDXL, SD3, Flux)"
 
 
 def supports(vae: nn.Module) -> bool:
@@ -28,6 +30,12 @@ def check(vae: nn.Module) -> None:
         kind = type(m).__name__
         if kind in ("SpatialNorm", "AdaGroupNorm", "FirDownsample2D", "FirUpsample2D", "KDownsample2D"):
             raise unsupported(vae, f"{name} is a {kind}, which the SD-family adapter does not describe")
+
+
+def facts(vae: nn.Module) -> Facts:
+    """Image VAEs: 2x per level of blocks, 4-D tensors only."""
+    return Facts(type(vae).__name__, 2 ** (len(vae.config.block_out_channels) - 1), None,
+                 in_channels(vae), latent_channels(vae))
 
 
 def in_channels(vae: nn.Module) -> int:

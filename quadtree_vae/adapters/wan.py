@@ -17,7 +17,7 @@ from torch import nn
 
 from ..engine import Ctx, Network, Step
 from ..geometry import POINTWISE, chain
-from .common import conv_footprint, conv_work, unsupported, upsample_footprint
+from .common import Facts, conv_footprint, conv_work, unsupported, upsample_footprint
 
 MODELS = (wan.AutoencoderKLWan, qwen.AutoencoderKLQwenImage)
 CAUSAL_CONV = (wan.WanCausalConv3d, qwen.QwenImageCausalConv3d)
@@ -25,6 +25,7 @@ RESIDUAL = (wan.WanResidualBlock, qwen.QwenImageResidualBlock)
 ATTENTION = (wan.WanAttentionBlock, qwen.QwenImageAttentionBlock)
 RESAMPLE = (wan.WanResample, qwen.QwenImageResample)
 CACHE_T = wan.CACHE_T
+CLASSES = "AutoencoderKLWan (Wan 2.1), AutoencoderKLQwenImage (Qwen-Image)"
 
 
 def supports(vae: nn.Module) -> bool:
@@ -40,6 +41,13 @@ def check(vae: nn.Module) -> None:
             "Wan 2.2 configurations (is_residual=True / patch_size) are not supported yet: their residual "
             "up/down blocks and patchify are missing from the Wan adapter (Wan 2.1 and Qwen-Image are supported)",
         )
+
+
+def facts(vae: nn.Module) -> Facts:
+    """Video VAEs: 2x per spatial level, 2x per temporally downsampling level; 1 + 4k frames for Wan 2.1."""
+    cfg = vae.config
+    return Facts(type(vae).__name__, 2 ** (len(cfg.dim_mult) - 1), 2 ** sum(cfg.temperal_downsample),
+                 in_channels(vae), latent_channels(vae))
 
 
 def in_channels(vae: nn.Module) -> int:
