@@ -12,6 +12,7 @@ input (which also warms the thread pool and kernels).
 
     python benchmarks/bench.py                 # every case (about 25 minutes on 2 CPU cores)
     python benchmarks/bench.py --only wan      # or sd, qwen
+    python benchmarks/bench.py --only sd --methods exact,fast
     python benchmarks/bench.py --device cuda
 """
 
@@ -141,6 +142,7 @@ def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["wan", "qwen", "sd"], help="run one model family")
+    ap.add_argument("--methods", help="comma-separated subset of untiled,diffusers,exact,fast (untiled always runs)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", default="benchmarks/results.json", help="where to write the rows")
@@ -161,6 +163,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
             model, op, shape, tile, methods = case
+            if args.methods:
+                methods = [m for m in methods if m == "untiled" or m in args.methods.split(",")]
             results, outputs = {}, {}
             for m in methods:
                 path = Path(tmp) / f"{m}.pt"
