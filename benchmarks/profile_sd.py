@@ -7,6 +7,7 @@ comes from). The model is bench.py's SD-1.x-size ``AutoencoderKL`` with seeded r
 
     python benchmarks/profile_sd.py                         # ratio table, 512 encode/decode
     python benchmarks/profile_sd.py --size 512 1024 --methods untiled exact fast
+    python benchmarks/profile_sd.py --threads 1 --cpu-time  # steadier when other work shares the CPU
     python benchmarks/profile_sd.py --profile encode        # top functions of one exact call
 """
 
@@ -31,13 +32,13 @@ def shape_of(op: str, size: int) -> tuple[int, ...]:
     return (1, 3, size, size) if op == "encode" else (1, 4, size // 8, size // 8)
 
 
-def timed(fn, x: torch.Tensor) -> tuple[float, torch.Tensor]:
-    t0 = time.perf_counter()
+def timed(fn, x: torch.Tensor, clock) -> tuple[float, torch.Tensor]:
+    t0 = clock()
     y = fn(x)
-    return time.perf_counter() - t0, y
+    return clock() - t0, y
 
 
-def compare(vae, op: str, size: int, methods: list[str], repeats: int) -> None:
+def compare(vae, op: str, size: int, methods: list[str], repeats: int, clock) -> None:
     x = make_input(op, shape_of(op, size), "cpu")
     fns = {m: method_fn(vae, op, m, TILE) for m in methods}
     best = {m: float("inf") for m in methods}
@@ -46,7 +47,7 @@ def compare(vae, op: str, size: int, methods: list[str], repeats: int) -> None:
         fn(make_input(op, shape_of(op, 64), "cpu"))
     for _ in range(repeats):
         for m, fn in fns.items():
-            s, outs[m] = timed(fn, x)
+            s, outs[m] = timed(fn, x, clock)
             best[m] = min(best[m], s)
     ref = outs[methods[0]]
     for m in methods:
@@ -72,6 +73,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["untiled", "exact"], help="the first is the reference")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="process CPU time instead of wall time: steadier on a busy machine (best with --threads 1)")
     ap.add_argument("--profile", choices=["encode", "decode"], help="cProfile one exact call instead")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
@@ -80,11 +83,13 @@ def main() -> None:
     with torch.no_grad():
         if args.profile:
             return profile(vae, args.profile, args.size[0], args.top)
-        print(f"{args.threads} threads, tile {TILE}, min of {args.repeats} interleaved runs\n")
+        clock = time.process_time if args.cpu_time else time.perf_counter
+        kind = "CPU" if args.cpu_time else "wall"
+        print(f"{args.threads} threads, tile {TILE}, {kind} seconds, min of {args.repeats} interleaved runs\n")
         print("| op | size | method | seconds | x first | max abs vs first |\n|---|---|---|---|---|---|")
         for size in args.size:
             for op in args.ops:
-                compare(vae, op, size, args.methods, args.repeats)
+                compare(vae, op, size, args.methods, args.repeats, clock)
 
 
 if __name__ == "__main__":
