@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 # E[x^2] - mean^2 is used while mean^2 <= CANCELLATION_LIMIT * variance: the float32 row sums then
 # leave the variance within about 1e-7 relative (measured: ~4e-9 times the ratio), as float32
@@ -79,6 +80,8 @@ def merge_all(parts: list[Moments]) -> Moments:
 
 def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, stats: Moments) -> torch.Tensor:
     """``norm(x)`` for a tile ``x`` of a larger frame whose statistics are ``stats``."""
+    if x.dtype == torch.float32 and x.is_contiguous():
+        return _batch_norm(x, norm, stats)
     b, c = x.shape[:2]
     g = norm.num_groups
     rstd = torch.rsqrt(stats.var + norm.eps)
@@ -92,3 +95,16 @@ def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, stats: Moments) -> tor
     view = (b, c) + (1,) * (x.dim() - 2)
     return torch.addcmul(shift.view(view), x.to(compute), scale.view(view)).to(x.dtype)
 
+
+
+def _batch_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, stats: Moments) -> torch.Tensor:
+    """The same as one inference-mode ``batch_norm`` over (B*C) channels: on a contiguous float32
+    tile its kernel is some 10-15% faster than the broadcast ``addcmul`` (strided tiles: slower)."""
+    b, c = x.shape[:2]
+    per_group = c // norm.num_groups
+    mean = stats.mean.to(x.device, x.dtype).repeat_interleave(per_group, dim=1).reshape(-1)
+    var = stats.var.to(x.device, x.dtype).repeat_interleave(per_group, dim=1).reshape(-1)
+    w = norm.weight.repeat(b) if norm.affine else None
+    bias = norm.bias.repeat(b) if norm.affine else None
+    y = F.batch_norm(x.reshape(1, b * c, -1), mean, var, w, bias, training=False, eps=norm.eps)
+    return y.view(x.shape)
