@@ -212,11 +212,20 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
         tile = torch.cat(pieces, dim=2) if cur.bounds is not None else pieces[0]
         if out is None:
             shape = (*tile.shape[:-2], *seg.size_out)
-            if reuse is not None and reuse.tensor.shape == shape and reuse.tensor.dtype == tile.dtype:
+            if _whole(tile, shape):  # a single tile that is the whole output already: no copy
+                out = tile
+            elif reuse is not None and reuse.tensor.shape == shape and reuse.tensor.dtype == tile.dtype:
                 out = reuse.tensor
             else:
                 out = torch.empty(shape, dtype=tile.dtype, device=target)
             out_bounds = bounds_of([p.shape[2] for p in pieces]) if cur.bounds is not None else None
-        out[..., core.y[0] : core.y[1], core.x[0] : core.x[1]] = tile
+        if out is not tile:
+            out[..., core.y[0] : core.y[1], core.x[0] : core.x[1]] = tile
     assert out is not None, "a segment with an empty layout"
     return Frames(out, out_bounds), merge_all(parts) if parts else None
+
+
+def _whole(tile: torch.Tensor, shape: tuple[int, ...]) -> bool:
+    """Whether ``tile`` has the output's shape and a contiguous memory of its own (not a view into a
+    larger tensor), so it can be the output itself."""
+    return tile.shape == shape and tile.is_contiguous() and tile.untyped_storage().nbytes() == tile.nbytes

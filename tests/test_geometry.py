@@ -163,3 +163,15 @@ def test_moments_merged_from_unequal_tiles_equal_whole_frame_groupnorm(ys, xs, b
             tile = x[..., r.y[0] : r.y[1], r.x[0] : r.x[1]]
             out = group_norm(tile, norm, stats)
             assert torch.allclose(out, ref[..., r.y[0] : r.y[1], r.x[0] : r.x[1]], atol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [0.0, 5.0, 1e3])
+def test_tile_moments_stay_accurate_when_the_mean_dwarfs_the_spread(offset):
+    """Row sums give E[x^2] - mean^2, which cancels when mean >> std: such tiles take var_mean."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 8, 40, 30, generator=g) * 0.1 + offset)[..., 3:37, 2:29]  # a cropped tile
+    m = Moments.of(x, 4)
+    whole = x.double().reshape(2, 4, -1)
+    assert m.n == whole.shape[-1]
+    assert torch.allclose(m.mean, whole.mean(-1), rtol=1e-6, atol=1e-7)
+    assert torch.allclose(m.var, whole.var(-1, unbiased=False), rtol=1e-5, atol=0)
