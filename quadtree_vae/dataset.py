@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from . import api, media
-from .errors import InvalidInputError, QuadtreeVAEError
+from .errors import InvalidInputError, QuadtreeVAEError, UnsupportedArchitectureError
 from .loading import describe, fingerprint, parse_vae_spec
 
 __all__ = ["INDEX_NAME", "DatasetReport", "Item", "collect_items", "encode_dataset", "nearest_bucket"]
@@ -292,7 +292,7 @@ class _Progress:
     """Items done by all ranks, counted in the process group's store; rank 0 shows the bar."""
 
     def __init__(self, ranks: _Ranks, run_id: str, total: int, show: bool | None):
-        self.ranks, self.total = ranks, total
+        self.ranks = ranks
         self.done_key, self.finished_key = f"qvae/cache/{run_id}/done", f"qvae/cache/{run_id}/finished"
         self.bar = None
         self.finished = False
@@ -366,6 +366,7 @@ def encode_dataset(
     budget: int | str | None = None,
     mode: str = "exact",
     frames: str = "error",
+    fallback: str = "error",
     size: tuple[int, int] | None = None,
     buckets: Sequence[tuple[int, int]] | None = None,
     fit: str | None = None,
@@ -377,8 +378,9 @@ def encode_dataset(
     """Encode every image and video of ``sources`` into ``out_dir`` (one latent file per item plus
     ``index.jsonl``); see the module docstring. Call it on every rank of an initialised process
     group (``group``, default: the default group) to share the items out; without one, this
-    process does everything. ``tile``/``budget``/``mode``/``frames`` go to :func:`quadtree_vae.encode`;
-    ``size``/``buckets``/``fit`` say how frames are fitted; ``force`` re-encodes verified items;
+    process does everything. ``tile``/``budget``/``mode``/``frames``/``fallback`` go to
+    :func:`quadtree_vae.encode`; ``size``/``buckets``/``fit`` say how frames are fitted; ``force``
+    re-encodes verified items;
     ``progress``: None shows a bar on rank 0 when stderr is a terminal. A 2-D (SD-family) VAE
     encodes a video frame by frame (latent (T, C, h, w)). Bad options raise before any work; a bad
     item is recorded (``status: "failed"``) and the run goes on."""
@@ -386,9 +388,10 @@ def encode_dataset(
     info = describe(vae)
     multiple = info["spatial_factor"] or 8
     size_, buckets_ = _check_sizes(size, buckets, fit, multiple)
-    if mode not in api.MODES or frames not in api.FRAMES:
-        raise InvalidInputError(f"mode={mode!r}, frames={frames!r}: expected mode in {api.MODES}, "
-                                f"frames in {api.FRAMES}")
+    if mode not in api.MODES or frames not in api.FRAMES or fallback not in api.FALLBACKS:
+        raise InvalidInputError(f"mode={mode!r}, frames={frames!r}, fallback={fallback!r}: expected mode in "
+                                f"{api.MODES}, frames in {api.FRAMES}, fallback in {api.FALLBACKS}")
+    _check_tiling(vae, bool(info["temporal_factor"]), tile, budget, mode, fallback)
     dtype = str(next(vae.parameters()).dtype).removeprefix("torch.")
     settings = _Settings(fingerprint(vae), dtype, mode, frames, size_, buckets_, fit)
     ranks = _Ranks(group)
@@ -398,7 +401,7 @@ def encode_dataset(
     out.mkdir(parents=True, exist_ok=True)
     info = {**info, "fingerprint": settings.fingerprint, "dtype": dtype,
             "vae": vae_name or getattr(vae, "_quadtree_vae_random", None) or info["class"]}
-    job = _Job(vae, info, settings, out, tile, budget, force)
+    job = _Job(vae, info, settings, out, tile, budget, fallback, force)
     bar = _Progress(ranks, run_id, len(items), progress)
     mine: list[dict[str, Any]] = []
     try:
@@ -414,6 +417,17 @@ def encode_dataset(
         _write_index(index, records)
     ranks.barrier()  # the index exists on return, on every rank
     return DatasetReport(records, index, time.perf_counter() - started)
+
+
+def _check_tiling(vae: nn.Module, temporal: bool, tile, budget, mode: str, fallback: str) -> None:
+    """Refuse a tile, budget or mode the model cannot take before any item is read (a plan for a
+    nominal 64x64 input checks them; items whose own plan fails are recorded as they come)."""
+    shape = (1, 3, 1, 64, 64) if temporal else (1, 3, 64, 64)
+    try:
+        api.plan(vae, shape, tile, budget, mode, op="encode")
+    except UnsupportedArchitectureError:
+        if fallback != "full":
+            raise
 
 
 def _share_items(ranks: _Ranks, sources) -> tuple[list[Item], str]:
@@ -439,6 +453,7 @@ def _same_weights(ranks: _Ranks, fp: str) -> None:
 
 
 def _write_index(path: Path, records: list[dict[str, Any]]) -> None:
+    _remove_stale_temps(path)
     with media.atomic_path(path, force=True) as tmp:
         tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), encoding="utf-8")
 
@@ -453,6 +468,7 @@ class _Job:
     out: Path
     tile: int | tuple[int, int] | None
     budget: int | str | None
+    fallback: str
     force: bool
 
     def run(self, item: Item) -> dict[str, Any]:
@@ -490,7 +506,7 @@ class _Job:
         frames, geometry = self.fit(src.frames)
         x = media.to_tensor(frames)  # (T, 3, H, W)
         temporal = bool(self.info["temporal_factor"])
-        kw = {"frames": self.settings.frames, "output_device": "cpu"}
+        kw = {"frames": self.settings.frames, "fallback": self.fallback, "output_device": "cpu"}
         if temporal:
             z = api.encode(self.vae, x.permute(1, 0, 2, 3).unsqueeze(0), self.tile, self.budget,
                            self.settings.mode, **kw)
@@ -568,7 +584,7 @@ def _file_size(path: str) -> int | None:
 
 
 def _remove_stale_temps(dest: Path) -> None:
-    """Delete temporary files a killed run left for ``dest`` (only this item's owner rank calls this)."""
+    """Delete temporary files a killed run left for ``dest`` (only the rank that writes ``dest`` calls this)."""
     for tmp in dest.parent.glob(f".{glob.escape(dest.stem)}.*.tmp{dest.suffix}"):
         tmp.unlink(missing_ok=True)
 
@@ -634,8 +650,8 @@ def cmd_cache(args, out) -> int:
             vae = parse_vae_spec(args.vae, device=device, dtype=args.dtype, arch=args.arch)
         report = encode_dataset(
             vae, items, args.output, tile=args.tile, budget=args.budget, mode=args.mode,
-            frames=args.frames or "error", size=args.size, buckets=args.buckets, fit=args.fit, force=args.force,
-            progress=False if args.quiet else None,
+            frames=args.frames or "error", fallback=args.fallback, size=args.size, buckets=args.buckets,
+            fit=args.fit, force=args.force, progress=False if args.quiet else None,
             vae_name=args.vae if args.vae.startswith("random") else Path(args.vae).name)
         if rank == 0:
             _say(report, out)

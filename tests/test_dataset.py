@@ -117,7 +117,8 @@ def test_metadata_says_where_it_came_from(single, wan):
 
 def test_resume_skips_verified_items_and_redoes_damaged_ones(items_dir, wan, tmp_path):
     out = tmp_path / "out"
-    first = encode_dataset(wan, items_dir, out, tile=TILE, progress=False)
+    sources = [items_dir / "a.png", items_dir / "b.png", items_dir / "sub"]  # keys a.png, b.png, broken.png, d.png
+    first = encode_dataset(wan, sources, out, tile=TILE, progress=False)
     written = {r["source"]: r for r in first.records if r["status"] == "written"}
     stamps = {s: (out / r["latent"]).stat().st_mtime_ns for s, r in written.items()}
     damaged = out / written["b.png"]["latent"]
@@ -125,16 +126,16 @@ def test_resume_skips_verified_items_and_redoes_damaged_ones(items_dir, wan, tmp
     stale = out / f".{Path(written['a.png']['latent']).stem}.x1y2.tmp.safetensors"
     stale.write_bytes(b"partial")  # what a killed run leaves behind
 
-    again = encode_dataset(wan, items_dir, out, tile=TILE, progress=False)
+    again = encode_dataset(wan, sources, out, tile=TILE, progress=False)
     status = {r["source"]: r["status"] for r in again.records}
-    assert status.pop("b.png") == "written" and status.pop(BAD) == "failed"
+    assert status.pop("b.png") == "written" and status.pop("broken.png") == "failed"
     assert set(status.values()) == {"verified"}
     for s in status:
         assert (out / written[s]["latent"]).stat().st_mtime_ns == stamps[s]
     assert not stale.exists()
     assert max_diff(_latent(out, written["b.png"]), untiled_encode(wan, _model_input(written["b.png"]["path"]))) <= 1e-4
 
-    other = encode_dataset(wan, items_dir, out, tile=TILE, progress=False, fit="crop")  # other settings: redo
+    other = encode_dataset(wan, sources, out, tile=TILE, progress=False, fit="crop")  # other settings: redo
     assert {r["status"] for r in other.records} == {"written", "failed"}
 
 
@@ -194,6 +195,9 @@ def test_cli_exit_status_and_refusals(items_dir, tmp_path, capsys):
     assert "multiples of 8" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists()
     assert cli.main([*base, str(tmp_path / "o4"), str(tmp_path / "missing")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert cli.main(["cache", "--vae", WAN, "--tile", "8", "-q", "-o", str(tmp_path / "o5"), str(good)]) == 2
+    assert "tile" in capsys.readouterr().err and not (tmp_path / "o5").exists()
 
 
 # ----------------------------------------------------------------------------------------- torchrun
