@@ -6,6 +6,7 @@
 """
 
 from .api import decode, encode, plan
+from .dataset import DatasetReport, encode_dataset
 from .errors import (
     InvalidInputError,
     LoadError,
@@ -20,6 +21,7 @@ from .planner import Plan, Segment
 __version__ = "0.1.0"
 
 __all__ = [
+    "DatasetReport",
     "InvalidInputError",
     "LoadError",
     "NonFiniteOutputError",
@@ -31,6 +33,7 @@ __all__ = [
     "disable",
     "enable",
     "encode",
+    "encode_dataset",
     "load_vae",
     "plan",
     "random_vae",

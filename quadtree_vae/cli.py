@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, api, media
+from . import __version__, api, dataset, media
 from .errors import InvalidInputError, QuadtreeVAEError, UnsupportedArchitectureError
 from .planner import available_memory, fmt_bytes, parse_bytes
 
@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="torch threads for the measured runs (default: torch's default)")
     p.set_defaults(func=cmd_demo)
+
+    dataset.add_parser(sub, parents=[common, fit])
     return parser
 
 
