@@ -6,6 +6,7 @@
 """
 
 from .api import decode, encode, plan
+from .distributed import Ranks
 from .errors import (
     InvalidInputError,
     LoadError,
@@ -25,6 +26,7 @@ __all__ = [
     "NonFiniteOutputError",
     "Plan",
     "QuadtreeVAEError",
+    "Ranks",
     "Segment",
     "UnsupportedArchitectureError",
     "decode",
