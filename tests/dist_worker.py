@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import sd_tiny, video, wan_tiny
+from conftest import qwen_tiny, sd_tiny, video, wan_tiny
 
 import quadtree_vae as qv
 
@@ -24,6 +24,7 @@ def cases():
     return {
         "wan_decode": (wan_tiny, "decode", latent(1, 4, 3, 5, 7), {}),
         "wan_decode_tiles": (wan_tiny, "decode", latent(1, 4, 2, 5, 7, seed=1), {"tile": 24}),
+        "qwen_decode_tiles": (qwen_tiny, "decode", latent(1, 4, 2, 4, 6, seed=5), {"tile": 24}),
         "wan_encode": (wan_tiny, "encode", video(1, 5, 32, 48), {}),
         "wan_encode_tiles": (wan_tiny, "encode", video(1, 5, 32, 48, seed=2), {"tile": 24}),
         "sd_encode": (sd_tiny, "encode", video(2, 1, 32, 48)[:, :, 0], {}),
@@ -44,6 +45,11 @@ def run_rank(rank: int, world: int, port: int, out: Path) -> None:
         ranks = qv.Ranks(dist.group.WORLD, dst=opts.pop("dst", None))
         results[name] = getattr(qv, op)(vae, x, group=ranks, **opts)
         received += ranks.received
+    try:  # ranks that disagree on the input's shape: an error on every rank, not a hang
+        qv.decode(models[sd_tiny], latent(1, 4, 4, 4 + rank), group=dist.group.WORLD)
+        results["mismatch"] = None
+    except qv.InvalidInputError as e:
+        results["mismatch"] = str(e)
     torch.save({"results": results, "received": received}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 

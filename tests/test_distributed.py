@@ -64,6 +64,7 @@ def test_tile_parallel_equals_untiled_on_every_rank(world, references, tmp_path)
                 continue
             assert max_diff(got, references[name]) <= TOL, (name, r)
         assert saved["received"] > 0
+        assert "different calls" in saved["results"]["mismatch"]
 
 
 def test_layouts_are_split_so_every_rank_has_a_fair_share():
