@@ -2,12 +2,13 @@
 
 All ranks of a group call ``encode``/``decode`` with the same model and input. They agree on one plan
 (rank 0's layouts, split further so every rank has tiles: :func:`agree`). In a tiled segment a rank
-runs only its share of the tiles (:func:`share`); after the segment each tile's core is broadcast
-by the rank that made it, so every rank holds the whole segment output (an all-gather of unequal
-pieces: :func:`assemble`). GroupNorm moments are gathered in float64 and merged in rank order, so
-every rank normalises with bit-identical statistics (:func:`all_reduce`). Global steps (attention
-at latent resolution) run replicated on every rank. The final output goes to every rank, or only
-to ``dst``. The collectives are torch.distributed's own: NCCL, gloo, whatever the group runs on.
+runs only its share of the tiles (:func:`share`). After the segment, ranks exchange just the parts
+of each other's cores that their own later tiles read, halos included (:func:`assemble`), so a rank
+holds its share of what segments hold plus those strips; before a global step (attention at latent
+resolution, which then runs replicated) and for the final output every core goes to every rank,
+or only to ``dst``. GroupNorm moments are gathered in float64 and merged in rank order, so every
+rank normalises with bit-identical statistics (:func:`all_reduce`). The collectives are
+torch.distributed's own: NCCL, gloo, whatever the group runs on.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import InvalidInputError
-from .geometry import Layout, Region
+from .geometry import Layout, Region, halo_regions
 from .norm import Moments, merge_all
 
 if TYPE_CHECKING:
@@ -162,15 +163,18 @@ def share(layout: Layout, ranks: Ranks | None) -> list[Region]:
 # ------------------------------------------------------------------------------------ exchange
 
 
-def assemble(frames, layout: Layout, ranks: Ranks, target: torch.device, compute: torch.device, final: bool):
-    """The engine's ``Frames`` of a segment, with every tile's core filled in from its owner.
+def assemble(frames, steps, segments, i: int, ranks: Ranks, target: torch.device, compute: torch.device):
+    """The engine's ``Frames`` of segment ``i``'s output, with what each rank reads later filled in.
 
-    Each core is broadcast by the rank that made it (to ``dst`` only for the final output when
-    ``ranks.dst`` is set; the other ranks then get ``tensor=None``). A rank that ran no tile of the
-    segment first learns the output's shape from rank 0.
+    Between segments a rank gets, from the ranks that made them, only the parts of other ranks'
+    cores that its own later tiles read (halo exchange, point to point: :func:`readers`); the
+    rest of its tensor is never written (on the host such pages are never made resident). Before a
+    global step, and for the final output, every core goes to every rank (or only to ``ranks.dst``
+    for the final output; the other ranks then get ``tensor=None``). A rank that ran no tile of
+    the segment first learns the output's shape from rank 0.
     """
+    layout = segments[i].layout
     own = owners(layout, ranks.size)
-    me = ranks.rank
     out, bounds = frames.tensor, frames.bounds
     if len(set(own)) < ranks.size:  # some rank ran no tile and has no output tensor yet
         meta = [None if out is None else (tuple(out.shape), out.dtype, bounds)]
@@ -178,9 +182,83 @@ def assemble(frames, layout: Layout, ranks: Ranks, target: torch.device, compute
         if out is None:
             shape, dtype, bounds = meta[0]
             out = torch.empty(shape, dtype=dtype, device=target)
-    only = ranks.dst if final else None
-    comm = ranks.comm_device(compute)
-    lead = out.shape[:-2]
+    final = i == len(segments) - 1
+    wanted = None if final else readers(steps, segments, i, ranks.size)
+    if wanted is not None:
+        _exchange(out, layout, own, wanted, ranks, ranks.comm_device(compute))
+    else:
+        out = _gather(out, layout, own, ranks, ranks.comm_device(compute), ranks.dst if final else None)
+    return replace(frames, tensor=out, bounds=bounds)
+
+
+def readers(steps, segments, i: int, n: int) -> list[list[Region]] | None:
+    """For each of ``n`` ranks, the regions of segment ``i``'s output that its later tiles read.
+
+    The next segment's tiles read it with their halos; if the next segment starts at a residual
+    source, later segments' joins read it at their own regions (as the engine's ``kept`` frames).
+    None: some global step reads all of it, so every rank needs all of it.
+    """
+    nxt = segments[i + 1]
+    if nxt.is_global:
+        return None
+    wanted: list[list[Region]] = [[] for _ in range(n)]
+    for j in range(i + 1, len(segments)):
+        seg = segments[j]
+        seg_steps = steps[seg.start : seg.stop]
+        at = [0] if j == i + 1 else [k + 1 for k, s in enumerate(seg_steps) if s.skip == nxt.start]
+        if not at:
+            continue
+        if seg.is_global:
+            return None
+        fps = [s.footprint for s in seg_steps]
+        for core, r in zip(seg.layout, owners(seg.layout, n)):
+            regions = halo_regions(fps, core, seg.size_in)
+            wanted[r].extend(regions[k] for k in at)
+    return wanted
+
+
+def _exchange(out: torch.Tensor, layout: Layout, own: list[int], wanted: list[list[Region]], ranks: Ranks,
+              comm: torch.device) -> None:
+    """Send each other rank the box of each of this rank's cores that it reads; receive likewise."""
+    me, lead = ranks.rank, out.shape[:-2]
+    ops, landing = [], []
+    for tag, (core, owner) in enumerate(zip(layout, own)):
+        for r in range(ranks.size):
+            box = None if r == owner or me not in (r, owner) else _box(core, wanted[r])
+            if box is None:
+                continue
+            if owner == me:
+                piece = out[..., box.y[0] : box.y[1], box.x[0] : box.x[1]].contiguous().to(comm)
+                ops.append(dist.P2POp(dist.isend, piece, ranks.global_rank(r), ranks.group, tag))
+                ranks.sent += piece.nbytes
+            else:
+                piece = torch.empty((*lead, box.h, box.w), dtype=out.dtype, device=comm)
+                ops.append(dist.P2POp(dist.irecv, piece, ranks.global_rank(owner), ranks.group, tag))
+                landing.append((box, piece))
+    for work in dist.batch_isend_irecv(ops) if ops else []:
+        work.wait()
+    for box, piece in landing:
+        out[..., box.y[0] : box.y[1], box.x[0] : box.x[1]] = piece.to(out.device)
+        ranks.received += piece.nbytes
+
+
+def _box(core: Region, wanted: list[Region]) -> Region | None:
+    """The bounding box of the parts of ``core`` that the ``wanted`` regions cover (None: none)."""
+    parts = [
+        ((max(core.y[0], w.y[0]), min(core.y[1], w.y[1])), (max(core.x[0], w.x[0]), min(core.x[1], w.x[1])))
+        for w in wanted
+    ]
+    parts = [(y, x) for y, x in parts if y[0] < y[1] and x[0] < x[1]]
+    if not parts:
+        return None
+    return Region((min(y[0] for y, _ in parts), max(y[1] for y, _ in parts)),
+                  (min(x[0] for _, x in parts), max(x[1] for _, x in parts)))
+
+
+def _gather(out: torch.Tensor, layout: Layout, own: list[int], ranks: Ranks, comm: torch.device,
+            only: int | None) -> torch.Tensor | None:
+    """Every core to every rank (each broadcast by its owner), or only to rank ``only``."""
+    me, lead = ranks.rank, out.shape[:-2]
     for core, owner in zip(layout, own):
         if only is not None and owner == only:
             continue
@@ -190,21 +268,16 @@ def assemble(frames, layout: Layout, ranks: Ranks, target: torch.device, compute
             piece = torch.empty((*lead, core.h, core.w), dtype=out.dtype, device=comm)
         if only is None:
             dist.broadcast(piece, src=ranks.global_rank(owner), group=ranks.group)
-            receivers = ranks.size - 1
-        else:
-            if owner == me:
-                dist.send(piece, dst=ranks.global_rank(only), group=ranks.group)
-            elif me == only:
-                dist.recv(piece, src=ranks.global_rank(owner), group=ranks.group)
-            receivers = 1
+        elif owner == me:
+            dist.send(piece, dst=ranks.global_rank(only), group=ranks.group)
+        elif me == only:
+            dist.recv(piece, src=ranks.global_rank(owner), group=ranks.group)
         if owner == me:
-            ranks.sent += piece.nbytes * receivers
+            ranks.sent += piece.nbytes * (ranks.size - 1 if only is None else 1)
         elif only is None or me == only:
             ranks.received += piece.nbytes
             out[..., core.y[0] : core.y[1], core.x[0] : core.x[1]] = piece.to(out.device)
-    if only is not None and me != only:
-        out = None
-    return replace(frames, tensor=out, bounds=bounds)
+    return None if only is not None and me != only else out
 
 
 def all_reduce(moments: Moments | None, groups: int, batch: int, ranks: Ranks, compute: torch.device) -> Moments:

@@ -150,8 +150,8 @@ def execute(net: Network, segments: Sequence, x: torch.Tensor, run: Run) -> torc
         else:
             reuse = _reusable(steps, seg, kept, target)
             cur, pending = _run_tiled(net, seg, cur, kept, stats, groups, target, run, skip_sources, reuse)
-            if run.ranks is not None:  # distributed: cores from every rank, moments all-reduced
-                cur = distributed.assemble(cur, seg.layout, run.ranks, target, run.device, final=last)
+            if run.ranks is not None:  # distributed: what later tiles read from other ranks; moments all-reduced
+                cur = distributed.assemble(cur, steps, segments, i, run.ranks, target, run.device)
                 if groups:
                     pending = distributed.all_reduce(pending, groups, cur.tensor.shape[0], run.ranks, run.device)
         for j in [j for j in kept if all(s.skip != j for s in steps[seg.stop :])]:
