@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ from conftest import max_diff, untiled_decode, untiled_encode
 from dist_worker import cases, run_rank
 
 import quadtree_vae as qv
-from quadtree_vae.distributed import owners, share, spread
-from quadtree_vae.geometry import Region, check_layout, grid
+from quadtree_vae.distributed import _box, owners, readers, share, spread
+from quadtree_vae.engine import Step
+from quadtree_vae.geometry import Region, check_layout, grid, same
 
 TOL = 1e-4
 
@@ -92,3 +94,16 @@ def test_owners_balance_area_and_cover_each_tile_once():
 def test_without_an_initialised_group_a_group_is_an_error(sd):
     with pytest.raises(qv.InvalidInputError, match="init_process_group"):
         qv.decode(sd, torch.randn(1, 4, 4, 4), group=qv.Ranks())
+
+
+def test_ranks_exchange_only_the_halo_strips_their_next_tiles_read():
+    steps = [Step(f"conv{i}", lambda x, ctx: x, (1, 1), same(1)) for i in range(3)]
+    strips = grid(16, 16, [8])
+    segs = [SimpleNamespace(start=i, stop=i + 1, is_global=False, layout=strips, size_in=(16, 16)) for i in range(3)]
+    wanted = readers(steps, segs, 0, 2)
+    assert wanted == [[Region((0, 9), (0, 16))], [Region((7, 16), (0, 16))]]
+    assert _box(strips[0], wanted[1]) == Region((7, 8), (0, 16))  # one row of rank 0's core goes to rank 1
+    steps[2].skip = 1  # a residual from the input of segment 1, read at the cores of segment 2
+    assert readers(steps, segs, 0, 2) == [[Region((0, 9), (0, 16)), strips[0]], [Region((7, 16), (0, 16)), strips[1]]]
+    segs[1].is_global = True
+    assert readers(steps, segs, 0, 2) is None  # attention reads everything
