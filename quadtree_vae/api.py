@@ -275,7 +275,7 @@ def _run(op, vae, x, tile, budget, mode, frames, fallback, output_device, progre
             plan_ = distributed.agree(plan_, ranks)
         fixed = _fast_stats(vae, net, op, x.to(dtype), plan_) if mode == "fast" else {}
         park = device if plan_.park == "device" else torch.device("cpu")
-        tick = _ticker(plan_, net, x.shape[2] if net.temporal else 1, progress)
+        tick = _ticker(plan_, net, x.shape[2] if net.temporal else 1, progress, ranks)
         y = execute(net, plan_.segments, x.to(dtype), Run(device, park, out_device, fixed, tick, ranks))
     if y is None:  # distributed, and the result went to another rank (Ranks.dst)
         return None
@@ -287,11 +287,12 @@ def _run(op, vae, x, tile, budget, mode, frames, fallback, output_device, progre
     return y.squeeze(2) if squeeze else y
 
 
-def _ticker(plan_: Plan, net: Network, t: int, progress: Progress | None) -> Callable[[], None]:
+def _ticker(plan_: Plan, net: Network, t: int, progress: Progress | None, ranks=None) -> Callable[[], None]:
+    """Counts this process's tiles x chunks (with ``ranks``: this rank's share)."""
     if progress is None:
         return lambda: None
     chunks = len(net.chunks(t)) if net.temporal else 1
-    total = sum(1 if s.is_global else len(s.layout) for s in plan_.segments) * chunks
+    total = sum(1 if s.is_global else len(distributed.share(s.layout, ranks)) for s in plan_.segments) * chunks
     done = 0
     progress(0, total)
 

@@ -31,7 +31,7 @@ def cases():
         "sd_encode_tiles": (sd_tiny, "encode", video(1, 1, 48, 40, seed=3)[:, :, 0], {"tile": 16}),
         "sd_decode_tiles": (sd_tiny, "decode", latent(1, 4, 5, 7, seed=2), {"tile": (16, 24)}),
         "sd_decode_dst": (sd_tiny, "decode", latent(1, 4, 4, 6, seed=3), {"tile": 24, "dst": 0}),
-        "sd_decode_thin": (sd_tiny, "decode", latent(1, 4, 2, 1, seed=4), {}),
+        "sd_decode_thin": (sd_tiny, "decode", latent(1, 4, 2, 1, seed=4), {"progress": True}),
     }
 
 
@@ -43,7 +43,12 @@ def run_rank(rank: int, world: int, port: int, out: Path) -> None:
     for name, (build, op, x, opts) in cases().items():
         vae = models.setdefault(build, build())
         ranks = qv.Ranks(dist.group.WORLD, dst=opts.pop("dst", None))
+        if opts.get("progress"):  # each rank counts its own tiles, up to its own total
+            seen = []
+            opts["progress"] = lambda done, total, seen=seen: seen.append((done, total))
         results[name] = getattr(qv, op)(vae, x, group=ranks, **opts)
+        if opts.get("progress"):
+            assert seen[-1][0] == seen[-1][1] == len(seen) - 1, seen
         received += ranks.received
     try:  # ranks that disagree on the input's shape: an error on every rank, not a hang
         qv.decode(models[sd_tiny], latent(1, 4, 4, 4 + rank), group=dist.group.WORLD)
