@@ -276,7 +276,7 @@ def _run(op, vae, x, tile, budget, mode, frames, fallback, output_device, progre
         fixed = _fast_stats(vae, net, op, x.to(dtype), plan_) if mode == "fast" else {}
         park = device if plan_.park == "device" else torch.device("cpu")
         tick = _ticker(plan_, net, x.shape[2] if net.temporal else 1, progress, ranks)
-        y = execute(net, plan_.segments, x.to(dtype), Run(device, park, out_device, fixed, tick, ranks))
+        y = execute(net, plan_.segments, x.to(dtype), Run(device, park, out_device, fixed, tick, ranks=ranks))
     if y is None:  # distributed, and the result went to another rank (Ranks.dst)
         return None
     if not bool(torch.isfinite(y).all()):

@@ -129,13 +129,15 @@ def _strips(tile: Region, k: int, align: tuple[int, int]) -> list[Region]:
 
 
 def _cuts(n: int, k: int, align: int) -> list[int]:
-    """Bounds of ``min(k, n)`` near-equal parts of ``[0, n)``, on multiples of ``align`` if that keeps ``k`` parts."""
+    """Bounds of ``min(k, n)`` near-equal parts of ``[0, n)``, cut on multiples of ``align`` if that
+    still gives that many parts."""
     k = min(k, n)
     for a in (align, 1):
-        bounds = sorted({round(i * n / k / a) * a for i in range(k + 1)} | {n})
+        inner = {round(i * n / k / a) * a for i in range(1, k)}
+        bounds = [0, *sorted(c for c in inner if 0 < c < n), n]
         if len(bounds) == k + 1:
             return bounds
-    raise AssertionError("unreachable: k <= n parts always exist")
+    raise AssertionError("unreachable: with align 1, k <= n parts always exist")
 
 
 def owners(layout: Layout, n: int) -> list[int]:

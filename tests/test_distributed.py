@@ -76,6 +76,9 @@ def test_layouts_are_split_so_every_rank_has_a_fair_share():
         check_layout(layout, 40, 64)
         assert len(layout) % n == 0 and all(r.h == 40 for r in layout)  # strips along the long side
         assert all(r.x[0] % 8 == 0 for r in layout)
+    for side in range(1, 40):  # sides that do not divide: strips still cover the frame exactly
+        for n in (2, 3):
+            check_layout(spread((Region((0, side), (0, side)),), n, (8, 8)), side, side)
     three = grid(30, 30, [10, 20])
     assert len(three) == 3 and len(spread(three, 2)) == 6  # 3 tiles on 2 ranks: cut each in two
     many = grid(90, 90, range(10, 90, 10))
