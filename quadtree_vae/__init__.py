@@ -7,6 +7,7 @@
 
 from .api import decode, encode, plan
 from .dataset import DatasetReport, encode_dataset
+from .distributed import Ranks
 from .errors import (
     InvalidInputError,
     LoadError,
@@ -27,6 +28,7 @@ __all__ = [
     "NonFiniteOutputError",
     "Plan",
     "QuadtreeVAEError",
+    "Ranks",
     "Segment",
     "UnsupportedArchitectureError",
     "decode",

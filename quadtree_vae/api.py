@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from . import adapters
+from . import adapters, distributed
 from .engine import Network, Run, execute
 from .errors import InvalidInputError, NonFiniteOutputError, UnsupportedArchitectureError
 from .norm import Moments
@@ -39,7 +39,8 @@ def encode(
     output_device: torch.device | str | None = None,
     progress: Progress | None = None,
     plan: Plan | None = None,
-) -> torch.Tensor:
+    group: distributed.Ranks | object | None = None,
+) -> torch.Tensor | None:
     """Tiled ``vae.encode(x).latent_dist.mode()``.
 
     ``x`` is (B, 3, H, W), or (B, 3, T, H, W) for the Wan/Qwen-Image VAEs, in [-1, 1]. ``tile`` (int
@@ -48,8 +49,15 @@ def encode(
     neither: the device's free memory. ``frames`` says what to do with a video whose frame count is not 1 + 4k
     ("error", "trim" the extra frames, or "pad" by repeating the last frame). ``fallback="full"``
     runs the model's own untiled path, with a warning, for a model the engine does not support.
+
+    ``group``: a torch.distributed ProcessGroup (``torch.distributed.group.WORLD``: all ranks) whose
+    ranks all make this same call with the same model and input and split each segment's tiles
+    between them; every rank gets the result. ``quadtree_vae.Ranks(group, dst=0)``: only rank
+    ``dst`` gets it (the others get None), and it counts the bytes moved. The default None runs in
+    this process alone, also when torch.distributed is initialised (data-parallel code encodes a
+    different input on each rank).
     """
-    return _run("encode", vae, x, tile, budget, mode, frames, fallback, output_device, progress, plan)
+    return _run("encode", vae, x, tile, budget, mode, frames, fallback, output_device, progress, plan, group=group)
 
 
 def decode(
@@ -63,9 +71,11 @@ def decode(
     output_device: torch.device | str | None = None,
     progress: Progress | None = None,
     plan: Plan | None = None,
-) -> torch.Tensor:
-    """Tiled ``vae.decode(z).sample``: ``z`` is (B, C, h, w) or (B, C, T, h, w) for the Wan/Qwen-Image VAEs."""
-    return _run("decode", vae, z, tile, budget, mode, "error", fallback, output_device, progress, plan)
+    group: distributed.Ranks | object | None = None,
+) -> torch.Tensor | None:
+    """Tiled ``vae.decode(z).sample``: ``z`` is (B, C, h, w) or (B, C, T, h, w) for the Wan/Qwen-Image VAEs.
+    Options as for :func:`encode` (``group``: tile-parallel over a process group)."""
+    return _run("decode", vae, z, tile, budget, mode, "error", fallback, output_device, progress, plan, group=group)
 
 
 def encode_moments(
@@ -79,13 +89,14 @@ def encode_moments(
     """Tiled ``vae.encode(x).latent_dist.parameters``: mean and log-variance (2C channels), for
     callers that need the whole posterior (``DiagonalGaussianDistribution``), e.g. to sample it.
     Takes the keyword options of :func:`encode`."""
-    opts = {"frames": "error", "fallback": "error", "output_device": None, "progress": None, "plan": None}
+    opts = {"frames": "error", "fallback": "error", "output_device": None, "progress": None, "plan": None,
+            "group": None}
     unknown = set(options) - set(opts)
     if unknown:
         raise TypeError(f"unexpected options {sorted(unknown)}")
     opts.update(options)
     return _run("encode", vae, x, tile, budget, mode, opts["frames"], opts["fallback"], opts["output_device"],
-                opts["progress"], opts["plan"], moments=True)
+                opts["progress"], opts["plan"], moments=True, group=opts["group"])
 
 
 def plan(
@@ -224,8 +235,9 @@ def _upcast(vae: nn.Module) -> Iterator[torch.dtype]:
         yield dtype
 
 
-def _run(op, vae, x, tile, budget, mode, frames, fallback, output_device, progress, plan_, moments=False):
+def _run(op, vae, x, tile, budget, mode, frames, fallback, output_device, progress, plan_, moments=False, group=None):
     _check_options(op, mode, frames, fallback)
+    ranks = distributed.ranks(group)
     try:
         family = adapters.adapter_for(vae)
     except UnsupportedArchitectureError as e:
@@ -259,10 +271,14 @@ def _run(op, vae, x, tile, budget, mode, frames, fallback, output_device, progre
                 f"the plan was made for {plan_.op} of {plan_.in_shape} in {plan_.mode} mode, "
                 f"not {op} of {tuple(x.shape)} in {mode} mode"
             )
+        if ranks is not None:  # distributed: one plan for all ranks, split so each has tiles
+            plan_ = distributed.agree(plan_, ranks)
         fixed = _fast_stats(vae, net, op, x.to(dtype), plan_) if mode == "fast" else {}
         park = device if plan_.park == "device" else torch.device("cpu")
-        tick = _ticker(plan_, net, x.shape[2] if net.temporal else 1, progress)
-        y = execute(net, plan_.segments, x.to(dtype), Run(device, park, out_device, fixed, tick))
+        tick = _ticker(plan_, net, x.shape[2] if net.temporal else 1, progress, ranks)
+        y = execute(net, plan_.segments, x.to(dtype), Run(device, park, out_device, fixed, tick, ranks=ranks))
+    if y is None:  # distributed, and the result went to another rank (Ranks.dst)
+        return None
     if not bool(torch.isfinite(y).all()):
         raise NonFiniteOutputError(
             f"{name} {op} produced NaN/Inf values in {dtype}: the VAE overflowed. Run it in float32 or "
@@ -271,11 +287,12 @@ def _run(op, vae, x, tile, budget, mode, frames, fallback, output_device, progre
     return y.squeeze(2) if squeeze else y
 
 
-def _ticker(plan_: Plan, net: Network, t: int, progress: Progress | None) -> Callable[[], None]:
+def _ticker(plan_: Plan, net: Network, t: int, progress: Progress | None, ranks=None) -> Callable[[], None]:
+    """Counts this process's tiles x chunks (with ``ranks``: this rank's share)."""
     if progress is None:
         return lambda: None
     chunks = len(net.chunks(t)) if net.temporal else 1
-    total = sum(1 if s.is_global else len(s.layout) for s in plan_.segments) * chunks
+    total = sum(1 if s.is_global else len(distributed.share(s.layout, ranks)) for s in plan_.segments) * chunks
     done = 0
     progress(0, total)
 

@@ -18,6 +18,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from . import distributed
 from .geometry import POINTWISE, Footprint, Region, halo_regions, produced, sizes_along
 from .norm import Moments, merge_all
 
@@ -118,10 +119,14 @@ class Run:
     output: torch.device  # where the final result goes
     fixed_stats: dict[int, Moments] = field(default_factory=dict)  # fast mode: step index -> stats
     tick: Callable[[], None] = lambda: None  # called after each tile x chunk
+    ranks: distributed.Ranks | None = None  # tile-parallel over a process group; None: this process alone
 
 
-def execute(net: Network, segments: Sequence, x: torch.Tensor, run: Run) -> torch.Tensor:
-    """Run ``net`` on ``x`` following ``segments`` (objects with start, stop, layout)."""
+def execute(net: Network, segments: Sequence, x: torch.Tensor, run: Run) -> torch.Tensor | None:
+    """Run ``net`` on ``x`` following ``segments`` (objects with start, stop, layout).
+
+    None only on the ranks of a tile-parallel run that do not receive the result (``Ranks.dst``).
+    """
     steps = net.steps
     skip_sources = {s.skip for s in steps if s.skip is not None}
     lengths = net.chunks(x.shape[2]) if net.chunks else None
@@ -145,6 +150,10 @@ def execute(net: Network, segments: Sequence, x: torch.Tensor, run: Run) -> torc
         else:
             reuse = _reusable(steps, seg, kept, target)
             cur, pending = _run_tiled(net, seg, cur, kept, stats, groups, target, run, skip_sources, reuse)
+            if run.ranks is not None:  # distributed: what later tiles read from other ranks; moments all-reduced
+                cur = distributed.assemble(cur, steps, segments, i, run.ranks, target, run.device)
+                if groups:
+                    pending = distributed.all_reduce(pending, groups, cur.tensor.shape[0], run.ranks, run.device)
         for j in [j for j in kept if all(s.skip != j for s in steps[seg.stop :])]:
             del kept[j]
     return cur.tensor
@@ -184,7 +193,7 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
     out: torch.Tensor | None = None
     out_bounds = None
     parts: list[Moments] = []
-    for core in seg.layout:
+    for core in distributed.share(seg.layout, run.ranks):  # all tiles, or this rank's share
         regions = halo_regions(fps, core, cur.size)
         caches = [[None] * s.cache_slots for s in steps]
         pieces = []
@@ -221,7 +230,7 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
             out_bounds = bounds_of([p.shape[2] for p in pieces]) if cur.bounds is not None else None
         if out is not tile:
             out[..., core.y[0] : core.y[1], core.x[0] : core.x[1]] = tile
-    assert out is not None, "a segment with an empty layout"
+    assert out is not None or run.ranks is not None, "a segment with an empty layout"
     return Frames(out, out_bounds), merge_all(parts) if parts else None
 
 

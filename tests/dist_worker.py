@@ -1,0 +1,60 @@
+"""One rank of a tile-parallel test run: tests/test_distributed.py forks one process per rank.
+
+``run_rank`` runs every case of ``cases()`` under a gloo group on 127.0.0.1 and saves
+{case: result} and the bytes received to OUT/rank{RANK}.pt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from conftest import qwen_tiny, sd_tiny, video, wan_tiny
+
+import quadtree_vae as qv
+
+
+def latent(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def cases():
+    """name -> (model builder, op, input, keyword options). The test recomputes the same inputs."""
+    return {
+        "wan_decode": (wan_tiny, "decode", latent(1, 4, 3, 5, 7), {}),
+        "wan_decode_tiles": (wan_tiny, "decode", latent(1, 4, 2, 5, 7, seed=1), {"tile": 24}),
+        "qwen_decode_tiles": (qwen_tiny, "decode", latent(1, 4, 2, 4, 6, seed=5), {"tile": 24}),
+        "wan_encode": (wan_tiny, "encode", video(1, 5, 32, 48), {}),
+        "wan_encode_tiles": (wan_tiny, "encode", video(1, 5, 32, 48, seed=2), {"tile": 24}),
+        "sd_encode": (sd_tiny, "encode", video(2, 1, 32, 48)[:, :, 0], {}),
+        "sd_encode_tiles": (sd_tiny, "encode", video(1, 1, 48, 40, seed=3)[:, :, 0], {"tile": 16}),
+        "sd_decode_tiles": (sd_tiny, "decode", latent(1, 4, 5, 7, seed=2), {"tile": (16, 24)}),
+        "sd_decode_dst": (sd_tiny, "decode", latent(1, 4, 4, 6, seed=3), {"tile": 24, "dst": 0}),
+        "sd_decode_thin": (sd_tiny, "decode", latent(1, 4, 2, 1, seed=4), {"progress": True}),
+    }
+
+
+def run_rank(rank: int, world: int, port: int, out: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    models = {}
+    results, received = {}, 0
+    for name, (build, op, x, opts) in cases().items():
+        vae = models.setdefault(build, build())
+        ranks = qv.Ranks(dist.group.WORLD, dst=opts.pop("dst", None))
+        if opts.get("progress"):  # each rank counts its own tiles, up to its own total
+            seen = []
+            opts["progress"] = lambda done, total, seen=seen: seen.append((done, total))
+        results[name] = getattr(qv, op)(vae, x, group=ranks, **opts)
+        if opts.get("progress"):
+            assert seen[-1][0] == seen[-1][1] == len(seen) - 1, seen
+        received += ranks.received
+    try:  # ranks that disagree on the input's shape: an error on every rank, not a hang
+        qv.decode(models[sd_tiny], latent(1, 4, 4, 4 + rank), group=dist.group.WORLD)
+        results["mismatch"] = None
+    except qv.InvalidInputError as e:
+        results["mismatch"] = str(e)
+    torch.save({"results": results, "received": received}, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
