@@ -1,7 +1,9 @@
-"""The public functions: ``encode``, ``decode`` and ``plan``.
+"""The public functions: ``encode``, ``decode``, ``encode_moments`` and ``plan``.
 
-Everything a caller can get wrong is checked here, before any heavy work: the model family, the
-tensor's rank, channels, size, frame count and values, the tile and the budget.
+Each builds an :class:`~quadtree_vae.options.Options` (which checks the options) and hands it to
+:func:`run_tiled` / :func:`plan_for`, which check the model and the tensor before any heavy work:
+the model family, the tensor's rank, channels, size, frame count and values. What a shape must be
+comes from the model's adapter (:func:`quadtree_vae.adapters.facts`).
 """
 
 from __future__ import annotations
@@ -10,21 +12,20 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from types import ModuleType
 
 import torch
 from torch import nn
 
 from . import adapters, distributed
+from .adapters.common import Facts
 from .engine import Network, Run, execute
 from .errors import InvalidInputError, NonFiniteOutputError, UnsupportedArchitectureError
+from .fitting import fit_frames, frames_to_add
 from .norm import Moments
-from .planner import MIN_TILE, Plan, make_plan, parse_bytes
+from .options import Options, Progress, parse_device, parse_shape
+from .planner import Plan, make_plan
 
-Progress = Callable[[int, int], None]
-MODES = ("exact", "fast")
-FRAMES = ("error", "trim", "pad")
-FALLBACKS = ("error", "full")
+OPS = ("encode", "decode")
 
 
 def encode(
@@ -39,16 +40,17 @@ def encode(
     output_device: torch.device | str | None = None,
     progress: Progress | None = None,
     plan: Plan | None = None,
-    group: distributed.Ranks | object | None = None,
+    group: object = None,
 ) -> torch.Tensor | None:
     """Tiled ``vae.encode(x).latent_dist.mode()``.
 
-    ``x`` is (B, 3, H, W), or (B, 3, T, H, W) for the Wan/Qwen-Image VAEs, in [-1, 1]. ``tile`` (int
-    or (h, w), image pixels) is the largest region a block runs on at image resolution, halo
-    included, and so sets the memory of a tile; ``budget`` (bytes or "4GB") caps device memory;
-    neither: the device's free memory. ``frames`` says what to do with a video whose frame count is not 1 + 4k
-    ("error", "trim" the extra frames, or "pad" by repeating the last frame). ``fallback="full"``
-    runs the model's own untiled path, with a warning, for a model the engine does not support.
+    ``x`` is (B, 3, H, W), or (B, 3, T, H, W) for the video VAEs, in [-1, 1]. ``tile`` (int or
+    (h, w), image pixels) is the largest region a block runs on at image resolution, halo included,
+    and so sets the memory of a tile; ``budget`` (bytes or "4GB") caps device memory; neither: the
+    device's free memory. ``frames`` says what to do with a video whose frame count the model does
+    not take (1 + 4k for Wan 2.1): "error", "trim" the extra frames, or "pad" by repeating the last
+    frame. ``fallback="full"`` runs the model's own untiled path, with a warning, for a model the
+    engine does not support.
 
     ``group``: a torch.distributed ProcessGroup (``torch.distributed.group.WORLD``: all ranks) whose
     ranks all make this same call with the same model and input and split each segment's tiles
@@ -57,7 +59,8 @@ def encode(
     this process alone, also when torch.distributed is initialised (data-parallel code encodes a
     different input on each rank).
     """
-    return _run("encode", vae, x, tile, budget, mode, frames, fallback, output_device, progress, plan, group=group)
+    opts = Options(tile, budget, mode, frames, fallback, output_device, progress, plan, group)
+    return run_tiled("encode", vae, x, opts)
 
 
 def decode(
@@ -71,11 +74,13 @@ def decode(
     output_device: torch.device | str | None = None,
     progress: Progress | None = None,
     plan: Plan | None = None,
-    group: distributed.Ranks | object | None = None,
+    group: object = None,
 ) -> torch.Tensor | None:
-    """Tiled ``vae.decode(z).sample``: ``z`` is (B, C, h, w) or (B, C, T, h, w) for the Wan/Qwen-Image VAEs.
+    """Tiled ``vae.decode(z).sample``: ``z`` is (B, C, h, w), or (B, C, T, h, w) for the video VAEs.
     Options as for :func:`encode` (``group``: tile-parallel over a process group)."""
-    return _run("decode", vae, z, tile, budget, mode, "error", fallback, output_device, progress, plan, group=group)
+    opts = Options(tile, budget, mode, fallback=fallback, output_device=output_device, progress=progress, plan=plan,
+                   group=group)
+    return run_tiled("decode", vae, z, opts)
 
 
 def encode_moments(
@@ -89,14 +94,7 @@ def encode_moments(
     """Tiled ``vae.encode(x).latent_dist.parameters``: mean and log-variance (2C channels), for
     callers that need the whole posterior (``DiagonalGaussianDistribution``), e.g. to sample it.
     Takes the keyword options of :func:`encode`."""
-    opts = {"frames": "error", "fallback": "error", "output_device": None, "progress": None, "plan": None,
-            "group": None}
-    unknown = set(options) - set(opts)
-    if unknown:
-        raise TypeError(f"unexpected options {sorted(unknown)}")
-    opts.update(options)
-    return _run("encode", vae, x, tile, budget, mode, opts["frames"], opts["fallback"], opts["output_device"],
-                opts["progress"], opts["plan"], moments=True, group=opts["group"])
+    return run_tiled("encode", vae, x, Options(tile, budget, mode, **options), moments=True)
 
 
 def plan(
@@ -114,49 +112,53 @@ def plan(
 
     ``op`` may be left out when the channel count tells (image channels: encode; latent: decode).
     """
+    return plan_for(vae, shape, Options(tile, budget, mode), op=op, dtype=dtype, device=device)
+
+
+def plan_for(
+    vae: nn.Module,
+    shape: Sequence[int],
+    opts: Options,
+    *,
+    op: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Plan:
+    """:func:`plan` with options already made (the front ends' entry)."""
     family = adapters.adapter_for(vae)
-    shape = tuple(int(s) for s in shape)
-    if op is None:
-        c = shape[1] if len(shape) > 1 else None
-        ins, lat = family.in_channels(vae), family.latent_channels(vae)
-        if c not in (ins, lat) or ins == lat:
-            raise InvalidInputError(f"cannot tell encode from decode for shape {shape}: pass op='encode' or 'decode'")
-        op = "encode" if c == ins else "decode"
-    _check_options(op, mode, "error", "error")
-    shape5 = _check_shape(family, vae, op, shape)
-    dev = torch.device(device) if device is not None else _device(vae)
-    return _plan(_network(family, vae, op, mode), op, shape5, tile, budget, mode, dev, dtype or _dtype(vae))
+    facts = family.facts(vae)
+    shape = parse_shape(shape)
+    op = _check_op(op, facts, shape)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InvalidInputError(f"dtype must be a floating-point torch.dtype, not {dtype!r}")
+    shape5 = _check_shape(facts, op, shape)
+    if op == "encode" and facts.temporal and opts.frames != "error":  # plan for the clip as fitted
+        added = frames_to_add(facts, shape5[2], opts.frames, f"{facts.name} encode")
+        shape5 = (*shape5[:2], shape5[2] + added, *shape5[3:])
+    dev = parse_device(device) if device is not None else _device(vae)
+    net = _network(family, vae, op, opts.mode)
+    return _plan(net, facts, op, shape5, opts, dev, dtype or _dtype(vae))
 
 
 # ------------------------------------------------------------------------------------------ checks
 
 
-def _check_options(op: str, mode: str, frames: str, fallback: str) -> None:
-    if op not in ("encode", "decode"):
+def _check_op(op: str | None, facts: Facts, shape: tuple[int, ...]) -> str:
+    if op is None:
+        c = shape[1] if len(shape) > 1 else None
+        ins, lat = facts.in_channels, facts.latent_channels
+        if c not in (ins, lat) or ins == lat:
+            raise InvalidInputError(f"cannot tell encode from decode for shape {shape}: pass op='encode' or 'decode'")
+        return "encode" if c == ins else "decode"
+    if op not in OPS:
         raise InvalidInputError(f"op must be 'encode' or 'decode', not {op!r}")
-    if mode not in MODES:
-        raise InvalidInputError(f"mode must be one of {MODES}, not {mode!r}")
-    if frames not in FRAMES:
-        raise InvalidInputError(f"frames must be one of {FRAMES}, not {frames!r}")
-    if fallback not in FALLBACKS:
-        raise InvalidInputError(f"fallback must be one of {FALLBACKS}, not {fallback!r}")
+    return op
 
 
-def _check_tile(tile: int | Sequence[int] | None, factor: int) -> tuple[int, int] | None:
-    if tile is None:
-        return None
-    sides = (tile, tile) if isinstance(tile, int) else tuple(tile)
-    if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in sides):
-        raise InvalidInputError(f"tile must be an int or (height, width) in pixels, not {tile!r}")
-    if min(sides) < MIN_TILE:
-        raise InvalidInputError(f"tile {tile!r} is below the minimum tile side of {MIN_TILE} px")
-    return sides[0] // factor * factor, sides[1] // factor * factor
-
-
-def _check_shape(family: ModuleType, vae: nn.Module, op: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Validate an input shape; returns it with a time axis for the 3-D models."""
-    temporal = family is adapters.wan
-    name = type(vae).__name__
+def _check_shape(facts: Facts, op: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Validate an input shape; returns it with a time axis for the video models."""
+    temporal = facts.temporal
+    name = facts.name
     ranks = (4, 5) if temporal else (4,)
     what = ("an image/video" if temporal else "an image") if op == "encode" else "a latent"
     if len(shape) not in ranks:
@@ -164,32 +166,28 @@ def _check_shape(family: ModuleType, vae: nn.Module, op: str, shape: tuple[int, 
         raise InvalidInputError(f"{name} {op}: expected {what} tensor {want}, got shape {shape}")
     if 0 in shape:
         raise InvalidInputError(f"{name} {op}: the input tensor is empty (shape {shape})")
-    channels = family.in_channels(vae) if op == "encode" else family.latent_channels(vae)
+    channels = facts.in_channels if op == "encode" else facts.latent_channels
     if shape[1] != channels:
         raise InvalidInputError(f"{name} {op}: expected {channels} channels, got {shape[1]} (shape {shape})")
     if op == "encode":
         h, w = shape[-2:]
-        if h % 8 or w % 8:
-            raise InvalidInputError(f"{name} encode: height and width must be multiples of 8, got {h}x{w}")
+        f = facts.spatial_factor
+        if h % f or w % f:
+            raise InvalidInputError(f"{name} encode: height and width must be multiples of {f}, got {h}x{w}")
     if temporal and len(shape) == 4:
         shape = (shape[0], shape[1], 1, *shape[2:])
     return shape
 
 
-def _fit_frames(x: torch.Tensor, frames: str, name: str) -> torch.Tensor:
-    """The encoders take 1 + 4k frames; diffusers silently drops the rest, we never do."""
-    t = x.shape[2]
-    if (t - 1) % 4 == 0:
-        return x
-    extra, missing = (t - 1) % 4, 4 - (t - 1) % 4
-    if frames == "trim":
-        return x[:, :, : t - extra]
-    if frames == "pad":
-        return torch.cat([x, x[:, :, -1:].expand(-1, -1, missing, -1, -1)], dim=2)
-    raise InvalidInputError(
-        f"{name} encode: {t} frames is not 1 + 4k; the model would silently drop the last {extra}. "
-        f"Pass frames='trim' to drop them or frames='pad' to repeat the last frame {missing} more time(s)."
-    )
+def _check_tensor(facts: Facts, op: str, x: object) -> tuple[int, ...]:
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInputError(f"{facts.name} {op}: expected a torch.Tensor, got {type(x).__name__}")
+    shape5 = _check_shape(facts, op, tuple(x.shape))
+    if not x.is_floating_point():
+        raise InvalidInputError(f"{facts.name} {op}: expected a floating-point tensor, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise InvalidInputError(f"{facts.name} {op}: the input contains NaN or Inf values")
+    return shape5
 
 
 def _device(vae: nn.Module) -> torch.device:
@@ -202,12 +200,13 @@ def _dtype(vae: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
-def _plan(net: Network, op, shape5, tile, budget, mode, device, dtype) -> Plan:
-    return make_plan(net, op, shape5, tile=_check_tile(tile, net.spatial_factor), budget=parse_bytes(budget),
-                     device=device, dtype=dtype, mode=mode)
+def _plan(net: Network, facts: Facts, op: str, shape5, opts: Options, device, dtype) -> Plan:
+    f = facts.spatial_factor
+    tile = None if opts.tile is None else (opts.tile[0] // f * f, opts.tile[1] // f * f)
+    return make_plan(net, op, shape5, tile=tile, budget=opts.budget, device=device, dtype=dtype, mode=opts.mode)
 
 
-def _network(family: ModuleType, vae: nn.Module, op: str, mode: str, moments: bool = False) -> Network:
+def _network(family, vae: nn.Module, op: str, mode: str, moments: bool = False) -> Network:
     return family.encoder(vae, mode, moments) if op == "encode" else family.decoder(vae, mode)
 
 
@@ -223,7 +222,12 @@ def _untiled(vae: nn.Module, op: str, x: torch.Tensor, moments: bool = False) ->
 
 @contextlib.contextmanager
 def _upcast(vae: nn.Module) -> Iterator[torch.dtype]:
-    """Run a float16 VAE whose config asks for ``force_upcast`` in float32, as diffusers pipelines do."""
+    """Run a float16 VAE whose config asks for ``force_upcast`` in float32, as diffusers pipelines do.
+
+    This casts the model's own weights for the duration of the call (and back after), so a model
+    with ``force_upcast`` must not be used by two threads at once; diffusers' pipelines do the same
+    cast on the same shared model. Every other model is only read, and may be shared freely.
+    """
     dtype = _dtype(vae)
     if dtype == torch.float16 and getattr(vae, "config", {}).get("force_upcast", False):
         nn.Module.to(vae, torch.float32)  # diffusers' own .to() logs a spurious warning on dtype casts
@@ -235,53 +239,49 @@ def _upcast(vae: nn.Module) -> Iterator[torch.dtype]:
         yield dtype
 
 
-def _run(op, vae, x, tile, budget, mode, frames, fallback, output_device, progress, plan_, moments=False, group=None):
-    _check_options(op, mode, frames, fallback)
-    ranks = distributed.ranks(group)
+def run_tiled(op: str, vae: nn.Module, x: torch.Tensor, opts: Options, moments: bool = False) -> torch.Tensor | None:
+    """Encode (the posterior's mode, or its ``moments``) or decode ``x`` tile by tile, as ``opts`` say."""
+    if op not in OPS:
+        raise InvalidInputError(f"op must be 'encode' or 'decode', not {op!r}")
     try:
         family = adapters.adapter_for(vae)
     except UnsupportedArchitectureError as e:
-        if fallback != "full":
+        if opts.fallback != "full":
             raise
         warnings.warn(f"{e}; running the model's own untiled {op} instead", stacklevel=3)
         with torch.no_grad():
             return _untiled(vae, op, x, moments)
-    name = type(vae).__name__
-    if not isinstance(x, torch.Tensor):
-        raise InvalidInputError(f"{name} {op}: expected a torch.Tensor, got {type(x).__name__}")
-    shape5 = _check_shape(family, vae, op, tuple(x.shape))
-    if not x.is_floating_point():
-        raise InvalidInputError(f"{name} {op}: expected a floating-point tensor, got {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        raise InvalidInputError(f"{name} {op}: the input contains NaN or Inf values")
+    facts = family.facts(vae)
+    shape5 = _check_tensor(facts, op, x)
     squeeze = len(shape5) != x.dim()
     if squeeze:
         x = x.unsqueeze(2)
-    if op == "encode" and family is adapters.wan:
-        x = _fit_frames(x, frames, name)
-    out_device = torch.device(output_device) if output_device is not None else x.device
+    if op == "encode" and facts.temporal:
+        x = fit_frames(x, frames_to_add(facts, x.shape[2], opts.frames, f"{facts.name} encode"))
+    out_device = opts.output_device if opts.output_device is not None else x.device
+    plan_ = opts.plan
+    if plan_ is not None and (plan_.op != op or plan_.in_shape != tuple(x.shape) or plan_.mode != opts.mode):
+        raise InvalidInputError(
+            f"the plan was made for {plan_.op} of {plan_.in_shape} in {plan_.mode} mode, "
+            f"not {op} of {tuple(x.shape)} in {opts.mode} mode"
+        )
 
     with torch.no_grad(), _upcast(vae) as dtype:
         device = _device(vae)
-        net = _network(family, vae, op, mode, moments)
+        net = _network(family, vae, op, opts.mode, moments)
         if plan_ is None:
-            plan_ = _plan(net, op, tuple(x.shape), tile, budget, mode, device, dtype)
-        elif plan_.op != op or plan_.in_shape != tuple(x.shape) or plan_.mode != mode:
-            raise InvalidInputError(
-                f"the plan was made for {plan_.op} of {plan_.in_shape} in {plan_.mode} mode, "
-                f"not {op} of {tuple(x.shape)} in {mode} mode"
-            )
-        if ranks is not None:  # distributed: one plan for all ranks, split so each has tiles
-            plan_ = distributed.agree(plan_, ranks)
-        fixed = _fast_stats(vae, net, op, x.to(dtype), plan_) if mode == "fast" else {}
+            plan_ = _plan(net, facts, op, tuple(x.shape), opts, device, dtype)
+        if opts.group is not None:  # distributed: one plan for all ranks, split so each has tiles
+            plan_ = distributed.agree(plan_, opts.group)
+        fixed = _fast_stats(vae, net, op, x.to(dtype), plan_) if opts.mode == "fast" else {}
         park = device if plan_.park == "device" else torch.device("cpu")
-        tick = _ticker(plan_, net, x.shape[2] if net.temporal else 1, progress, ranks)
-        y = execute(net, plan_.segments, x.to(dtype), Run(device, park, out_device, fixed, tick, ranks=ranks))
+        tick = _ticker(plan_, net, x.shape[2] if net.temporal else 1, opts.progress, opts.group)
+        y = execute(net, plan_.segments, x.to(dtype), Run(device, park, out_device, fixed, tick, ranks=opts.group))
     if y is None:  # distributed, and the result went to another rank (Ranks.dst)
         return None
     if not bool(torch.isfinite(y).all()):
         raise NonFiniteOutputError(
-            f"{name} {op} produced NaN/Inf values in {dtype}: the VAE overflowed. Run it in float32 or "
+            f"{facts.name} {op} produced NaN/Inf values in {dtype}: the VAE overflowed. Run it in float32 or "
             "bfloat16, or use an fp16-safe VAE (for SDXL: madebyollin/sdxl-vae-fp16-fix)."
         )
     return y.squeeze(2) if squeeze else y

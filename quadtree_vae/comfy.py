@@ -11,16 +11,17 @@ ComfyUI conventions followed (``comfy/sd.py`` ``VAE.encode`` / ``VAE.decode``, `
 ``VAEEncode`` / ``VAEDecode``):
 
 * IMAGE is (B, H, W, C) float in [0, 1]; only the first 3 channels are encoded, and H and W are
-  centre-cropped to a multiple of the VAE's factor (8), as ``VAE.vae_encode_crop_pixels`` does.
+  centre-cropped to a multiple of the VAE's spatial factor (its adapter's), as ``VAE.vae_encode_crop_pixels`` does.
   Pixels go through ``vae.process_input`` (x * 2 - 1) and decoded images through
   ``vae.process_output`` ((x + 1) / 2 clamped to [0, 1]).
 * LATENT is ``{"samples": (B, C, h, w)}``, or (B, C, T, h, w) for the Wan / Qwen-Image VAE; the
   latents are the raw VAE latents (ComfyUI applies scale/shift inside the model, not in the VAE).
-  Encoding returns the posterior mean, as ComfyUI's Wan VAE does (its SD-family encode draws a
-  sample with the posterior's tiny std instead; the mean is the deterministic choice).
-* For the Wan / Qwen-Image VAE the IMAGE batch is the frames of one clip: B images encode to
-  (1, C, 1 + (B - 1) // 4, h, w) (frames beyond 1 + 4k are dropped, as ComfyUI drops them, with a
-  warning), and a decoded (B, C, T, h, w) latent comes back as B * T' images.
+  Encoding returns the posterior mean, as ComfyUI's VAE Encode does for every family (checked
+  against ComfyUI v0.8.0: equal to VAE Encode / VAE Decode within 1.8e-5).
+* For a video VAE the IMAGE batch is the frames of one clip: B images encode to (1, C, T', h, w)
+  with T' the latent frames the adapter states (1 + (B - 1) // 4 for Wan 2.1; frames the model
+  does not take are dropped, as ComfyUI drops them, with a warning), and a decoded
+  (B, C, T, h, w) latent comes back as B * T' images.
 * Outputs are float32 on ``vae.output_device`` (ComfyUI's intermediate device); the model runs on
   ``vae.device`` in ``vae.vae_dtype``. Progress goes to ``comfy.utils.ProgressBar`` and the run
   stops at tile boundaries when the user cancels the queue.
@@ -31,8 +32,11 @@ CPU) and is moved to the VAE's device only for the duration of a run, after aski
 management to free room for it.
 
 A VAE whose weights are not one of the supported layouts (TAESD, Stable Cascade, audio VAEs, Wan
-2.2, LTX, Hunyuan, ...) raises an error naming it; with ``fallback="stock"`` the node runs the VAE's
-own untiled ``encode`` / ``decode`` instead.
+2.2, LTX, Hunyuan, ...) raises an error naming it; with ``fallback="full"`` the node runs the VAE's
+own untiled ``encode`` / ``decode`` instead, with a warning in the log. (``"stock"``, the widget's
+earlier name for it, is still accepted by :func:`encode_image` / :func:`decode_latent`; the widget
+offers only ``full``.) Other exceptions are not turned into
+"cannot tile": they are errors and reach ComfyUI as they are.
 
 This module imports nothing from ComfyUI at import time: ``comfy.utils`` and
 ``comfy.model_management`` are looked up when a node runs and used only if present.
@@ -53,9 +57,10 @@ import torch
 from torch import nn
 
 from . import adapters
-from .api import decode, encode
+from .api import run_tiled
 from .errors import InvalidInputError, QuadtreeVAEError, UnsupportedArchitectureError
-from .loading import describe, detect_layout, vae_from_state_dict
+from .loading import detect_layout, vae_from_state_dict
+from .options import FALLBACKS, MODES, Options
 
 __all__ = [
     "NODE_CLASS_MAPPINGS",
@@ -71,9 +76,8 @@ __all__ = [
 log = logging.getLogger("quadtree_vae.comfy")
 
 CATEGORY = "latent/quadtree"
-FALLBACKS = ("error", "stock")
-SUPPORTED = "SD 1.x/2.x, SDXL, SD3, Flux, Wan 2.1 and Qwen-Image VAEs"
-_HINT = "Set fallback to 'stock' to run ComfyUI's own untiled VAE instead."
+_FALLBACK_ALIASES = {"stock": "full"}  # the widget's earlier name, for callers of the functions below
+_HINT = "Set fallback to 'full' to run ComfyUI's own untiled VAE instead."
 
 _cache: weakref.WeakKeyDictionary[Any, nn.Module] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
@@ -121,12 +125,11 @@ def _build(vae: Any) -> nn.Module:
         layout = detect_layout(state_dict)
         model = vae_from_state_dict(state_dict, device=_offload_device(vae), dtype=_vae_dtype(vae))
         adapters.adapter_for(model)
-    except Exception as e:  # whatever a foreign layout makes the converter raise: a clear refusal
-        reason = str(e) if isinstance(e, QuadtreeVAEError) else f"{type(e).__name__}: {e}"
+    except QuadtreeVAEError as e:  # a layout or class we do not tile: a clear refusal, cause kept
         raise UnsupportedArchitectureError(
-            f"quadtree-vae cannot tile this VAE ({name}): {reason.rstrip('.')}. Supported: {SUPPORTED}. "
+            f"quadtree-vae cannot tile this VAE ({name}): {str(e).rstrip('.')}. Supported: {adapters.SUPPORTED}. "
             f"{_HINT}"
-        ) from None
+        ) from e
     log.info("quadtree-vae: converted %s (%s layout) to %s", name, layout, type(model).__name__)
     return model
 
@@ -167,10 +170,6 @@ def _offload_device(vae: Any) -> torch.device:
 def _output_device(vae: Any) -> torch.device:
     dev = getattr(vae, "output_device", None)
     return torch.device(dev) if dev is not None else torch.device("cpu")
-
-
-def _temporal(model: nn.Module) -> bool:
-    return adapters.adapter_for(model) is adapters.wan
 
 
 # ------------------------------------------------------------------------------- ComfyUI services
@@ -256,26 +255,23 @@ class _OnDevice:
 # --------------------------------------------------------------------------------- encode / decode
 
 
-def _options(tile_size: int, budget_gb: float, mode: str, fallback: str) -> tuple[int | None, int | None]:
-    if fallback not in FALLBACKS:
-        raise InvalidInputError(f"fallback must be one of {FALLBACKS}, not {fallback!r}")
-    if mode not in ("exact", "fast"):
-        raise InvalidInputError(f"mode must be 'exact' or 'fast', not {mode!r}")
-    tile = int(tile_size) if tile_size else None
-    if budget_gb is not None and budget_gb < 0:
+def _options(vae: Any, tile_size: int, budget_gb: float, mode: str, fallback: str) -> Options:
+    """The widgets' values as :class:`Options` (0 = no tile cap / no budget; budget in GiB)."""
+    if isinstance(budget_gb, (int, float)) and budget_gb < 0:
         raise InvalidInputError(f"memory budget must be >= 0 GB (0 = use the free memory), not {budget_gb}")
-    budget = int(float(budget_gb) * 2**30) if budget_gb else None
-    return tile, budget
+    budget = float(budget_gb) * 2**30 if budget_gb else None
+    return Options(tile_size or None, budget, mode, "trim", _FALLBACK_ALIASES.get(fallback, fallback),
+                   _output_device(vae), _progress())
 
 
-def _model_or_fallback(vae: Any, fallback: str) -> nn.Module | None:
-    """The converted model, or None when it cannot be built and the user chose the stock path."""
+def _model_or_fallback(vae: Any, opts: Options) -> nn.Module | None:
+    """The converted model, or None when it cannot be built and the user chose the untiled path."""
     try:
         return converted_model(vae)
     except UnsupportedArchitectureError as e:
-        if fallback != "stock":
+        if opts.fallback != "full":
             raise
-        log.warning("%s", str(e).replace(_HINT, "Running its own untiled encode/decode instead (fallback 'stock')."))
+        log.warning("%s", str(e).replace(_HINT, "Running its own untiled encode/decode instead (fallback 'full')."))
         return None
 
 
@@ -289,29 +285,27 @@ def encode_image(
 ) -> torch.Tensor:
     """ComfyUI IMAGE (B, H, W, C) in [0, 1] -> latent samples, tiled. ``tile_size`` in pixels (0:
     no cap), ``budget_gb`` in GiB (0: the device's free memory)."""
-    tile, budget = _options(tile_size, budget_gb, mode, fallback)
+    opts = _options(vae, tile_size, budget_gb, mode, fallback)
     if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
         got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
         raise InvalidInputError(f"Quadtree VAE Encode: expected an IMAGE tensor (B, H, W, C), got {got}")
-    model = _model_or_fallback(vae, fallback)
+    model = _model_or_fallback(vae, opts)
     if model is None:
         return vae.encode(pixels[:, :, :, :3])
 
-    factor = int(describe(model)["spatial_factor"] or 8)
-    x = _crop(pixels[:, :, :, :3], factor)
+    facts = adapters.facts(model)
+    x = _crop(pixels[:, :, :, :3], facts.spatial_factor)
     x = _process_input(vae)(x.float()).movedim(-1, 1)  # (B, 3, H, W) in [-1, 1]
-    temporal = _temporal(model)
-    if temporal:
+    if facts.temporal:
         x = x.movedim(1, 0).unsqueeze(0)  # the batch is the clip's frames: (1, 3, T, H, W)
         t = x.shape[2]
-        if (t - 1) % 4:
-            log.warning("Quadtree VAE Encode: %d frames is not 1 + 4k; the last %d are dropped (as ComfyUI does)",
-                        t, (t - 1) % 4)
+        if facts.extra_frames(t):
+            log.warning("Quadtree VAE Encode: %d frames is not 1 + %dk; the last %d are dropped (as ComfyUI does)",
+                        t, facts.temporal_factor, facts.extra_frames(t))
     device, home = _device(vae), _offload_device(vae)
-    _make_room(vae, model, device, _working_estimate(vae, "encode", tuple(x.shape), budget))
+    _make_room(vae, model, device, _working_estimate(vae, "encode", tuple(x.shape), opts.budget))
     with _OnDevice(model, device, home):
-        z = encode(model, x, tile, budget, mode, frames="trim", output_device=_output_device(vae),
-                   progress=_progress())
+        z = run_tiled("encode", model, x, opts)
     return z.float()
 
 
@@ -325,21 +319,20 @@ def decode_latent(
 ) -> torch.Tensor:
     """ComfyUI latent samples -> IMAGE (N, H, W, 3) in [0, 1], tiled; a Wan/Qwen-Image video latent
     gives its frames as the batch (B * T' images)."""
-    tile, budget = _options(tile_size, budget_gb, mode, fallback)
+    opts = _options(vae, tile_size, budget_gb, mode, fallback)
     if getattr(samples, "is_nested", False):  # newer ComfyUI may nest several latents; VAEDecode takes the first
         samples = samples.unbind()[0]
     if not isinstance(samples, torch.Tensor):
         raise InvalidInputError(f"Quadtree VAE Decode: expected a LATENT tensor, got {type(samples).__name__}")
-    model = _model_or_fallback(vae, fallback)
+    model = _model_or_fallback(vae, opts)
     if model is None:
         images = vae.decode(samples)
         return images.reshape(-1, *images.shape[-3:]) if images.dim() == 5 else images
 
     device, home = _device(vae), _offload_device(vae)
-    _make_room(vae, model, device, _working_estimate(vae, "decode", tuple(samples.shape), budget))
+    _make_room(vae, model, device, _working_estimate(vae, "decode", tuple(samples.shape), opts.budget))
     with _OnDevice(model, device, home):
-        y = decode(model, samples, tile, budget, mode, output_device=_output_device(vae),
-                   progress=_progress())
+        y = run_tiled("decode", model, samples, opts)
     images = _process_output(vae)(y.float())
     if images.dim() == 5:  # (B, 3, T, H, W) -> B * T images
         images = images.movedim(1, -1)
@@ -381,14 +374,14 @@ _BUDGET = ("FLOAT", {
     "default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.25,
     "tooltip": "Device memory the VAE may use, in GiB; 0 = the device's free memory.",
 })
-_MODE = (["exact", "fast"], {
+_MODE = (list(MODES), {
     "default": "exact",
     "tooltip": "exact: equal to the untiled VAE. fast: fewer passes, GroupNorm statistics estimated "
                "from a downscaled pass (SD-family VAEs; same as exact for Wan).",
 })
 _FALLBACK = (list(FALLBACKS), {
     "default": "error",
-    "tooltip": "What to do with a VAE quadtree-vae cannot tile: error, or run ComfyUI's own untiled VAE (stock).",
+    "tooltip": "What to do with a VAE quadtree-vae cannot tile: error, or run ComfyUI's own untiled VAE (full).",
 })
 
 
@@ -409,7 +402,7 @@ class QuadtreeVAEEncode:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Encodes images to latents tile by tile within a memory budget, with the same result as the "
-                   "untiled VAE (SD 1.x/2.x, SDXL, SD3, Flux, Wan 2.1, Qwen-Image).")
+                   f"untiled VAE ({adapters.SUPPORTED}).")
 
     def encode(self, pixels, vae, tile_size=0, memory_budget_gb=0.0, mode="exact", fallback="error"):
         return ({"samples": encode_image(vae, pixels, tile_size, memory_budget_gb, mode, fallback)},)
@@ -426,7 +419,7 @@ class QuadtreeVAEDecode:
     FUNCTION = "decode"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Decodes latents to images tile by tile within a memory budget, with the same result as the "
-                   "untiled VAE (SD 1.x/2.x, SDXL, SD3, Flux, Wan 2.1, Qwen-Image).")
+                   f"untiled VAE ({adapters.SUPPORTED}).")
 
     def decode(self, samples, vae, tile_size=0, memory_budget_gb=0.0, mode="exact", fallback="error"):
         return (decode_latent(vae, samples["samples"], tile_size, memory_budget_gb, mode, fallback),)

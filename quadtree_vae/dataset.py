@@ -50,6 +50,7 @@ from torch import nn
 from . import api, media
 from .errors import InvalidInputError, QuadtreeVAEError, UnsupportedArchitectureError
 from .loading import describe, fingerprint, parse_vae_spec
+from .options import Options
 
 __all__ = ["INDEX_NAME", "DatasetReport", "Item", "collect_items", "encode_dataset", "nearest_bucket"]
 
@@ -388,9 +389,7 @@ def encode_dataset(
     info = describe(vae)
     multiple = info["spatial_factor"] or 8
     size_, buckets_ = _check_sizes(size, buckets, fit, multiple)
-    if mode not in api.MODES or frames not in api.FRAMES or fallback not in api.FALLBACKS:
-        raise InvalidInputError(f"mode={mode!r}, frames={frames!r}, fallback={fallback!r}: expected mode in "
-                                f"{api.MODES}, frames in {api.FRAMES}, fallback in {api.FALLBACKS}")
+    Options(tile, budget, mode, frames, fallback)  # checks them once, before any item is read
     _check_tiling(vae, bool(info["temporal_factor"]), tile, budget, mode, fallback)
     dtype = str(next(vae.parameters()).dtype).removeprefix("torch.")
     settings = _Settings(fingerprint(vae), dtype, mode, frames, size_, buckets_, fit)
@@ -636,10 +635,10 @@ def cmd_cache(args, out) -> int:
     rank's device, encode, and report on rank 0. Returns 1 if any item failed."""
     import torch.distributed as dist
 
-    from .planner import parse_bytes
+    from .options import parse_bytes
 
     parse_bytes(args.budget)
-    _check_sizes(args.size, args.buckets, args.fit, 8)  # every supported VAE has an 8x spatial factor
+    _check_sizes(args.size, args.buckets, args.fit, 1)  # multiples of the model's factor: checked once it is loaded
     own_group = _init_distributed(args.device)
     try:
         rank = dist.get_rank() if dist.is_initialized() else 0

@@ -148,7 +148,7 @@ def execute(net: Network, segments: Sequence, x: torch.Tensor, run: Run) -> torc
         if steps[seg.start].is_global:
             cur, pending = _run_global(steps[seg.start], cur, stats.get(seg.start), groups, target, run)
         else:
-            reuse = _reusable(steps, seg, kept, target)
+            reuse = _reusable(steps, seg, kept, target, cur)
             cur, pending = _run_tiled(net, seg, cur, kept, stats, groups, target, run, skip_sources, reuse)
             if run.ranks is not None:  # distributed: what later tiles read from other ranks; moments all-reduced
                 cur = distributed.assemble(cur, steps, segments, i, run.ranks, target, run.device)
@@ -171,16 +171,20 @@ def _run_global(step: Step, cur: Frames, stats, groups, target, run: Run):
     return Frames(out, cur.bounds), merge_all(parts) if parts else None
 
 
-def _reusable(steps: Sequence[Step], seg, kept: dict[int, Frames], target: torch.device) -> Frames | None:
+def _reusable(steps: Sequence[Step], seg, kept: dict[int, Frames], target: torch.device,
+              source: Frames) -> Frames | None:
     """A kept residual input that this segment's output may overwrite in place.
 
     When a segment ends in a step that joins a residual from an earlier cut, each tile reads that
     residual only at its own core, just before writing its result there; if no later step needs
-    the residual, the output can take its memory (SD resnets: one full-frame tensor fewer).
+    the residual, the output can take its memory (SD resnets: one full-frame tensor fewer). Never
+    the segment's own input, which later tiles still read around their cores (their halos).
     """
     last = steps[seg.stop - 1]
     src = kept.get(last.skip) if last.skip is not None else None
     if src is None or not src.owned or src.tensor.device != target:
+        return None
+    if src.tensor.untyped_storage().data_ptr() == source.tensor.untyped_storage().data_ptr():
         return None
     if any(s.skip == last.skip for s in steps[seg.stop :]):
         return None

@@ -49,9 +49,9 @@ import torch
 from torch import nn
 
 from . import adapters
-from .api import _check_options, _check_tile, _dtype, decode, encode_moments
+from .api import _dtype, run_tiled
 from .errors import InvalidInputError, UnsupportedArchitectureError
-from .planner import parse_bytes
+from .options import Options
 
 __all__ = ["STATE_ATTR", "disable", "enable", "is_enabled", "tiled"]
 
@@ -82,11 +82,7 @@ _local = threading.local()  # ids of the models whose engine run is in progress,
 
 @dataclass
 class _HookState:
-    tile: int | tuple[int, int] | None
-    budget: int | str | None
-    mode: str
-    frames: str
-    progress: Callable[[int, int], None] | None
+    options: Options  # checked once, by enable
     saved: dict[str, Any]  # shadowed name -> the instance attribute it replaced, or _MISSING
 
 
@@ -112,11 +108,7 @@ def enable(
     with ``fallback="full"`` such a model is left untouched, with a warning, and keeps running its
     own untiled path.
     """
-    _check_options("encode", mode, frames, fallback)
-    if progress is not None and not callable(progress):
-        raise InvalidInputError(f"progress must be a callable (done, total), not {type(progress).__name__}")
-    _check_tile(tile, 1)
-    parse_bytes(budget)
+    opts = Options(tile, budget, mode, frames, fallback, progress=progress)
     if not isinstance(vae, nn.Module):
         raise UnsupportedArchitectureError(
             f"qv.enable: expected a diffusers VAE (torch module), got {type(vae).__name__}"
@@ -132,13 +124,13 @@ def enable(
         if missing:
             raise UnsupportedArchitectureError(f"{type(vae).__name__} has no {' / '.join(missing)} method to hook")
     except UnsupportedArchitectureError as e:
-        if fallback != "full":
+        if opts.fallback != "full":
             raise
         warnings.warn(f"qv.enable: {e}; leaving the model untouched (it runs its own untiled path)", stacklevel=2)
         return vae
 
     own = vars(vae)
-    state = _HookState(tile, budget, mode, frames, progress, {n: own.get(n, _MISSING) for n in _SHADOWED})
+    state = _HookState(opts, {n: own.get(n, _MISSING) for n in _SHADOWED})
     try:
         own[STATE_ATTR] = state
         own["_encode"] = _Hook(vae, "_encode")
@@ -239,10 +231,19 @@ def _running(vae: nn.Module) -> Iterator[None]:
         ids.discard(id(vae))
 
 
-def _active_state(vae: nn.Module, x: Any) -> _HookState | None:
-    """The hook state if this call should go through the engine, None to pass it to the original."""
+def _active_state(vae: nn.Module, x: Any, args: tuple, kwargs: dict) -> _HookState | None:
+    """The hook state if this call should go through the engine, None to pass it to the original
+    (with a warning when the caller asked for something the engine cannot do)."""
     state = vars(vae).get(STATE_ATTR)
     if not isinstance(state, _HookState) or id(vae) in _busy_ids():
+        return None
+    if args or kwargs:
+        shown = ", ".join([*(type(a).__name__ for a in args), *(f"{k}=..." for k in kwargs)])
+        warnings.warn(
+            f"quadtree-vae: {type(vae).__name__} called with arguments the tiled engine does not take "
+            f"({shown}); this call runs the model's own untiled path",
+            stacklevel=4,
+        )
         return None
     if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
         warnings.warn(
@@ -271,26 +272,25 @@ class _Hook:
 
 def _encode(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """quadtree-vae's tiled replacement of ``_encode``: the posterior's moments (2C channels)."""
-    state = _active_state(self, x)
-    if state is None or args or kwargs:
+    state = _active_state(self, x, args, kwargs)
+    if state is None:
         return _original(self, "_encode", vars(self).get(STATE_ATTR))(x, *args, **kwargs)
     dtype = _dtype(self)
     with _running(self):
-        h = encode_moments(self, x, state.tile, state.budget, state.mode, frames=state.frames,
-                           progress=state.progress)
+        h = run_tiled("encode", self, x, state.options, moments=True)
     return h.to(dtype)
 
 
 def _decode(self: nn.Module, z: torch.Tensor, return_dict: bool = True, *args: Any, **kwargs: Any) -> Any:
     """quadtree-vae's tiled replacement of ``_decode``: ``DecoderOutput`` or a 1-tuple, as diffusers'."""
-    state = _active_state(self, z)
-    if state is None or args or kwargs:
+    state = _active_state(self, z, args, kwargs)
+    if state is None:
         return _original(self, "_decode", vars(self).get(STATE_ATTR))(z, return_dict, *args, **kwargs)
     from diffusers.models.autoencoders.vae import DecoderOutput
 
     dtype = _dtype(self)
     with _running(self):
-        y = decode(self, z, state.tile, state.budget, state.mode, progress=state.progress)
+        y = run_tiled("decode", self, z, state.options)
     y = y.to(dtype)
     if not return_dict:
         return (y,)

@@ -33,7 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InvalidInputError, LoadError
+from . import adapters
+from .errors import InvalidInputError, LoadError, UnsupportedArchitectureError
+from .options import parse_device
 
 __all__ = [
     "ARCHES",
@@ -100,8 +102,6 @@ _TINY = {
     "flux": _TINY_SD,
     "sd3": _TINY_SD,
 }
-
-_SUPPORTED_CLASSES = ("AutoencoderKLWan", "AutoencoderKLQwenImage", "AutoencoderKL")
 
 # Keys that identify a layout whatever prefix they sit under.
 _WAN_ANCHORS = ("decoder.middle.0.residual.0.gamma", "encoder.middle.0.residual.0.gamma")
@@ -287,8 +287,8 @@ def parse_vae_spec(
         elif o.startswith("seed="):
             try:
                 seed = int(o[5:])
-            except ValueError:
-                raise InvalidInputError(f"--vae {spec!r}: seed must be an integer, got {opt[5:]!r}") from None
+            except ValueError as e:
+                raise InvalidInputError(f"--vae {spec!r}: seed must be an integer, got {opt[5:]!r}") from e
         else:
             raise InvalidInputError(f"--vae {spec!r}: unknown option {opt!r}; allowed: tiny, seed=N")
     return random_vae(rand_arch, seed=seed, tiny=tiny, dtype=dtype, device=device)
@@ -325,32 +325,24 @@ def describe(vae: nn.Module) -> dict[str, Any]:
     """Summarise a VAE for logs and reports: class, arch, size, latent channels, compression factors.
 
     ``arch`` comes from the ``_quadtree_vae_arch`` mark set by this module's loaders, else it is
-    guessed from the class and config ("unknown" when it cannot be). ``spatial_factor`` and
-    ``temporal_factor`` (None for image VAEs) are computed from the config, so tiny models report
-    their own factors. ``random`` is True for models built by :func:`random_vae`.
+    guessed from the class and config ("unknown" when it cannot be). ``latent_channels``,
+    ``spatial_factor`` and ``temporal_factor`` (None for image VAEs) are the model's adapter's
+    :class:`~quadtree_vae.adapters.common.Facts` (all None for a model no adapter tiles).
+    ``random`` is True for models built by :func:`random_vae`.
     """
     if not isinstance(vae, nn.Module):
         raise InvalidInputError(f"describe: expected a torch.nn.Module, got {type(vae).__name__}")
-    cfg = _config_dict(vae)
-    kind = _kind(vae)
-    latent: int | None = None
-    spatial: int | None = None
-    temporal: int | None = None
-    if kind in ("wan", "qwen"):
-        latent = int(cfg.get("z_dim", 16))
-        tdown = list(cfg.get("temperal_downsample", [False, True, True]))
-        spatial = 2 ** len(tdown) * int(cfg.get("patch_size") or 1)
-        temporal = 2 ** sum(bool(t) for t in tdown)
-    elif kind == "kl":
-        latent = int(cfg.get("latent_channels", 4))
-        spatial = 2 ** (len(cfg.get("block_out_channels", [0])) - 1)
+    try:
+        facts = adapters.facts(vae)
+    except UnsupportedArchitectureError:
+        facts = None
     return {
         "class": type(vae).__name__,
         "arch": getattr(vae, ARCH_ATTR, None) or _guess_arch(vae),
         "params": sum(p.numel() for p in vae.parameters()),
-        "latent_channels": latent,
-        "spatial_factor": spatial,
-        "temporal_factor": temporal,
+        "latent_channels": facts.latent_channels if facts else None,
+        "spatial_factor": facts.spatial_factor if facts else None,
+        "temporal_factor": facts.temporal_factor if facts else None,
         "random": bool(getattr(vae, RANDOM_ATTR, None)),
     }
 
@@ -383,21 +375,8 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def _parse_device(device: str | torch.device | None) -> torch.device | None:
-    if device is None:
-        return None
-    if isinstance(device, str):
-        try:
-            device = torch.device(device)
-        except RuntimeError as e:
-            raise InvalidInputError(f"unknown device {device!r}: {e}") from None
-    if not isinstance(device, torch.device):
-        raise InvalidInputError(f"device must be a str or torch.device, got {type(device).__name__}")
-    # Fail before reading a large file rather than after.
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"device {str(device)!r} requested but CUDA is not available here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InvalidInputError(f"device {str(device)!r} requested but MPS is not available here")
-    return device
+    # Checked before reading a large file rather than after.
+    return None if device is None else parse_device(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,7 +416,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoadError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+        raise LoadError(f"{path}: corrupt safetensors header (not JSON: {e})") from e
     if not isinstance(header, dict):
         raise LoadError(f"{path}: corrupt safetensors header (not a JSON object)")
     end = 0
@@ -446,8 +425,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             continue
         try:
             end = max(end, int(info["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise LoadError(f"{path}: corrupt safetensors header (entry {name!r} has no data_offsets)") from None
+        except (TypeError, KeyError, IndexError, ValueError) as e:
+            raise LoadError(f"{path}: corrupt safetensors header (entry {name!r} has no data_offsets)") from e
     if 8 + n + end > size:
         raise LoadError(
             f"{path}: truncated safetensors file: the header describes {end} bytes of tensor data "
@@ -458,7 +437,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own error types
-        raise LoadError(f"{path}: corrupt safetensors file: {e}") from None
+        raise LoadError(f"{path}: corrupt safetensors file: {e}") from e
 
 
 def _read_torch(path: Path) -> Any:
@@ -472,15 +451,15 @@ def _read_torch(path: Path) -> Any:
                 f"{path}: refused: the pickle holds objects other than tensors and plain containers, which "
                 f"are never unpickled here (weights_only=True). {blocked} Re-save the weights as "
                 f".safetensors from a trusted environment."
-            ) from None
+            ) from e
         # Not a blocked class: the bytes are not a valid pickle. torch's own text is a long preamble;
         # keep the line after "WeightsUnpickler error" when there is one.
         marker = next((i for i, ln in enumerate(lines) if "WeightsUnpickler error" in ln), None)
         detail = lines[marker + 1] if marker is not None and marker + 1 < len(lines) else (lines or [""])[0]
-        raise LoadError(f"{path}: not a readable PyTorch checkpoint (corrupt pickle: {detail})") from None
+        raise LoadError(f"{path}: not a readable PyTorch checkpoint (corrupt pickle: {detail})") from e
     except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise LoadError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from None
+        raise LoadError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from e
 
 
 def _tensors_only(obj: Any, source: str) -> dict[str, torch.Tensor]:
@@ -741,8 +720,8 @@ def _ldm_config(sd: Mapping[str, torch.Tensor], arch: str, source: str) -> dict[
 def _class_for(name: Any, source: str) -> type[nn.Module]:
     import diffusers
 
-    if name not in _SUPPORTED_CLASSES:
-        raise LoadError(f"{source}: unsupported model class {name!r}; supported: {', '.join(_SUPPORTED_CLASSES)}")
+    if name not in adapters.CLASS_NAMES:
+        raise LoadError(f"{source}: unsupported model class {name!r}; supported: {adapters.SUPPORTED}")
     return getattr(diffusers, name)
 
 
@@ -885,7 +864,7 @@ def _load_folder(path: Path, arch: str | None, device: torch.device | None, dtyp
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoadError(f"{cfg_path}: unreadable config.json ({e})") from None
+        raise LoadError(f"{cfg_path}: unreadable config.json ({e})") from e
     if not isinstance(cfg, dict):
         raise LoadError(f"{cfg_path}: config.json is not a JSON object")
     cls = _class_for(cfg.get("_class_name"), str(cfg_path))
@@ -897,7 +876,7 @@ def _load_folder(path: Path, arch: str | None, device: torch.device | None, dtyp
         model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
     except Exception as e:  # diffusers raises OSError/EnvironmentError/ValueError/RuntimeError
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoadError(f"{folder}: diffusers could not load this {cls.__name__} folder: {first}") from None
+        raise LoadError(f"{folder}: diffusers could not load this {cls.__name__} folder: {first}") from e
     parts = []
     for label, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys")):
         keys = sorted(map(str, info.get(key) or []))

@@ -173,34 +173,63 @@ def read_media(path: str | os.PathLike[str]) -> Media:
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """(H, W, 3) uint8, with EXIF orientation applied; alpha is dropped, greyscale expanded."""
+    """(H, W, 3) uint8, with EXIF orientation applied; alpha is dropped, greyscale expanded.
+
+    Pillow's decompression-bomb limit holds: an image of more than twice ``Image.MAX_IMAGE_PIXELS``
+    (2 x 89,478,485 pixels by default, about 13,000 x 13,000) is refused before it is decoded, and
+    one above the limit itself reads with Pillow's warning. Larger images need a raised limit.
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             return np.asarray(im.convert("RGB")).copy()
+    except Image.DecompressionBombError as e:
+        raise InvalidInputError(f"{path}: refused: {e}") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise InvalidInputError(f"{path}: cannot read the image ({e})") from None
+        raise InvalidInputError(f"{path}: cannot read the image ({e})") from e
 
 
 def read_video(path: str | os.PathLike[str]) -> tuple[np.ndarray, Fraction]:
     """All frames of the first video stream as (T, H, W, 3) uint8, and the frame rate."""
+    with _video(path) as (container, stream):
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not frames:
+        raise InvalidInputError(f"{path}: the video has no frames")
+    fps = Fraction(rate).limit_denominator(1001 * 1000) if rate else DEFAULT_FPS
+    return np.stack(frames), fps
+
+
+def probe(path: str | os.PathLike[str]) -> tuple[tuple[int, int], int, np.ndarray]:
+    """((H, W), frame count, first frame) of an image or video, without decoding a whole video."""
+    if kind_of(path) == "image":
+        frame = read_image(path)
+        return frame.shape[:2], 1, frame
+    with _video(path) as (container, stream):
+        first = next((f.to_ndarray(format="rgb24") for f in container.decode(stream)), None)
+        if first is None:
+            raise InvalidInputError(f"{path}: the video has no frames")
+        count = stream.frames
+        if not count:
+            container.seek(0)
+            count = sum(1 for packet in container.demux(stream) if packet.size)
+    return first.shape[:2], int(count), first
+
+
+@contextlib.contextmanager
+def _video(path: str | os.PathLike[str]) -> Iterator[tuple]:
+    """The open container and its first video stream; FFmpeg's errors become InvalidInputError."""
     import av
 
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise InvalidInputError(f"{path}: the file has no video stream")
-            stream = container.streams.video[0]
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            yield container, container.streams.video[0]
     except av.FFmpegError as e:
-        raise InvalidInputError(f"{path}: cannot read the video ({e})") from None
-    if not frames:
-        raise InvalidInputError(f"{path}: the video has no frames")
-    fps = Fraction(rate).limit_denominator(1001 * 1000) if rate else DEFAULT_FPS
-    return np.stack(frames), fps
+        raise InvalidInputError(f"{path}: cannot read the video ({e})") from e
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -317,10 +346,29 @@ def load_latent(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str, s
     except (SafetensorError, OSError, ValueError) as e:
         if isinstance(e, InvalidInputError):
             raise
-        raise InvalidInputError(f"{p}: cannot read the latent file ({e})") from None
+        raise InvalidInputError(f"{p}: cannot read the latent file ({e})") from e
     if not z.is_floating_point():
         raise InvalidInputError(f"{p}: the latent tensor has dtype {z.dtype}; expected floating point")
+    _check_meta(meta, p)
     return z, meta, notes
+
+
+def _check_meta(meta: Mapping[str, str], path: Path) -> None:
+    """Refuse metadata that decode would act on but cannot read (before the model runs)."""
+    padded = meta_value(meta, "frames_padded", 0)
+    if padded is not None and not _count(padded, 0):
+        raise InvalidInputError(f"{path}: malformed metadata frames_padded={meta['frames_padded']!r}: "
+                                f"expected a number of frames")
+    size = meta_value(meta, "source_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(_count(s, 1) for s in size)):
+        raise InvalidInputError(f"{path}: malformed metadata source_size={meta['source_size']!r}: "
+                                f"expected [height, width]")
+    if meta_value(meta, "fit") not in (None, "crop", "pad"):
+        raise InvalidInputError(f"{path}: malformed metadata fit={meta['fit']!r}: expected crop or pad")
+
+
+def _count(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def meta_value(meta: Mapping[str, str], key: str, default=None):

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from functools import partial
 
 import torch
 
@@ -86,7 +87,7 @@ class Plan:
             try:
                 check_layout(layout, *seg.size_out)
             except ValueError as e:
-                raise InvalidInputError(f"layout for segment {i}: {e}") from None
+                raise InvalidInputError(f"layout for segment {i}: {e}") from e
             segs[i] = self._relayout(seg, layout) if self._relayout else replace(seg, layout=layout)
         return replace(self, segments=tuple(segs))
 
@@ -114,30 +115,6 @@ def _wxh(size: tuple[int, int]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ sizes
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
-
-
-def parse_bytes(value: int | float | str | None) -> int | None:
-    """``4GB``, ``512MiB``, ``1.5g`` or a number of bytes (binary units: 1GB = 2**30 bytes)."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        n = int(value)
-    elif isinstance(value, str):
-        s = value.strip().lower().replace(" ", "")
-        num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = s[len(num):]
-        if unit not in _UNITS or not num:
-            raise InvalidInputError(f"cannot read memory size {value!r}: use bytes or a size like '4GB' or '512MB'")
-        n = int(float(num) * _UNITS[unit])
-    else:
-        raise InvalidInputError(f"memory size must be bytes or a string like '4GB', not {type(value).__name__}")
-    if n <= 0:
-        raise InvalidInputError(f"memory size must be positive, got {value!r}")
-    return n
-
 
 def fmt_bytes(n: int | None) -> str:
     if n is None:
@@ -303,8 +280,10 @@ def make_plan(
     else:
         park = "cpu" if device.type == "cuda" else "device"
     if limit is None or limit <= 0:
+        given = fmt_bytes(budget) if budget is not None else \
+            f"90% of the free memory on {device.type} ({fmt_bytes(int(0.9 * available_memory(device)))})"
         raise InvalidInputError(
-            f"memory budget too small: {fmt_bytes(budget)} leaves no room for tiles once the "
+            f"memory budget too small: {given} leaves no room for tiles once the "
             f"{fmt_bytes(cut_bytes)} of tensors between segments are held"
         )
 
@@ -330,10 +309,22 @@ def make_plan(
 
     out_c = net.steps[-1].channels[1]
     out_shape = (batch, out_c, frames.total[-1], *sizes[-1]) if net.temporal else (batch, out_c, *sizes[-1])
+    model_free = _Estimator(_shapes_only(net), frames, sizes, batch, elem)
     return Plan(
         op, net.name, tuple(shape), out_shape, mode, tuple(segments), int(limit), budget, park, cut_bytes,
-        _relayout=lambda seg, layout: est.segment(seg.start, seg.stop, layout, seg.is_global),
+        _relayout=partial(_relayout, model_free),
     )
+
+
+def _shapes_only(net: Network) -> Network:
+    """``net`` without the model: the steps keep their footprints, channels and costs but no
+    modules, so a plan can re-estimate a segment without keeping the VAE alive, and pickles."""
+    steps = [replace(s, fn=None, norm=None, join=None) for s in net.steps]
+    return Network(net.name, steps, net.in_channels, None)
+
+
+def _relayout(est: _Estimator, seg: Segment, layout: Layout) -> Segment:
+    return est.segment(seg.start, seg.stop, layout, seg.is_global)
 
 
 def _probe(net, est: _Estimator, a: int, b: int, image, tile, frames, batch, elem) -> tuple[tuple[int, int], int]:

@@ -10,7 +10,8 @@ from conftest import max_diff, untiled_encode, video
 
 import quadtree_vae as qv
 from quadtree_vae.geometry import Region, grid
-from quadtree_vae.planner import MIN_TILE, parse_bytes
+from quadtree_vae.options import parse_bytes
+from quadtree_vae.planner import MIN_TILE
 
 
 def refuses(match: str, fn, *args, **kwargs):
@@ -124,3 +125,45 @@ def test_explicit_layouts_are_checked(wan):
     z = torch.randn(1, 4, 1, 4, 6)
     refuses("the plan was made for decode of", qv.decode, wan, torch.randn(1, 4, 1, 8, 6), plan=p)
     assert qv.decode(wan, z, plan=p.with_layouts({last: grid(32, 48, [5, 17], [1, 30])})).shape == (1, 3, 1, 32, 48)
+
+
+def test_a_plan_does_not_keep_the_model_alive_and_pickles():
+    import gc
+    import pickle
+    import weakref
+
+    from conftest import sd_tiny
+
+    vae = sd_tiny()
+    p = qv.plan(vae, (1, 4, 4, 6))
+    alive = weakref.ref(vae)
+    copy = pickle.loads(pickle.dumps(p))
+    last = len(p.segments) - 1
+    layout = {last: grid(32, 48, [16])}
+    assert copy.with_layouts(layout) == p.with_layouts(layout)
+    assert copy.with_layouts(layout).segments[last].peak < p.segments[last].peak  # re-estimated, model-free
+    del vae
+    gc.collect()
+    assert alive() is None
+    z = torch.randn(1, 4, 4, 6)
+    vae = sd_tiny()
+    assert max_diff(qv.decode(vae, z, plan=copy.with_layouts(layout)), qv.decode(vae, z, tile=32)) <= 1e-4
+
+
+def test_a_segment_never_writes_over_its_own_input():
+    from types import SimpleNamespace
+
+    from quadtree_vae.engine import Frames, Step, _reusable
+
+    def ident(x, ctx):
+        return x
+
+    steps = [Step("a", ident, (1, 1)), Step("b", ident, (1, 1), skip=0, join=torch.add)]
+    seg = SimpleNamespace(start=0, stop=2)
+    source = Frames(torch.zeros(1, 1, 4, 4), None)
+    other = Frames(torch.zeros(1, 1, 4, 4), None)
+    cpu = torch.device("cpu")
+    assert _reusable(steps, seg, {0: other}, cpu, source) is other
+    assert _reusable(steps, seg, {0: source}, cpu, source) is None
+    view = Frames(source.tensor[:, :, 1:], None)  # shares the input's memory
+    assert _reusable(steps, seg, {0: view}, cpu, source) is None

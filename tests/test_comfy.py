@@ -308,7 +308,7 @@ def test_unknown_vae_gives_a_clear_error(fake_comfy):
         with pytest.raises(UnsupportedArchitectureError) as info:
             run()
         message = str(info.value)
-        assert "cannot tile this VAE" in message and "Supported" in message and "'stock'" in message
+        assert "cannot tile this VAE" in message and "Supported" in message and "'full'" in message
     assert vae.stock_calls == []
     with pytest.raises(UnsupportedArchitectureError, match="not a ComfyUI VAE"):
         qc.decode_latent(object(), torch.zeros(1, 4, 4, 6))
@@ -323,20 +323,21 @@ def test_unknown_vae_gives_a_clear_error(fake_comfy):
         qc.decode_latent(broken, torch.zeros(1, 4, 4, 6))
 
 
-def test_unknown_vae_falls_back_to_the_stock_path(fake_comfy, caplog):
+@pytest.mark.parametrize("full", ["full", "stock"])  # "stock": the widget's earlier name, from saved workflows
+def test_unknown_vae_falls_back_to_the_stock_path(fake_comfy, caplog, full):
     vae = UnknownVAE()
     with caplog.at_level(logging.WARNING, logger="quadtree_vae.comfy"):
-            (latent,) = qc.QuadtreeVAEEncode().encode(torch.rand(1, 32, 48, 4), vae, 0, 0.0, "exact", "stock")
-    assert "cannot tile this VAE" in caplog.text and "fallback 'stock'" in caplog.text
+        (latent,) = qc.QuadtreeVAEEncode().encode(torch.rand(1, 32, 48, 4), vae, 0, 0.0, "exact", full)
+    assert "cannot tile this VAE" in caplog.text and "fallback 'full'" in caplog.text
     assert latent["samples"].shape == (1, 4, 4, 6) and bool((latent["samples"] == 0.5).all())
-    (images,) = qc.QuadtreeVAEDecode().decode({"samples": torch.zeros(2, 4, 4, 6)}, vae, 0, 0.0, "exact", "stock")
+    (images,) = qc.QuadtreeVAEDecode().decode({"samples": torch.zeros(2, 4, 4, 6)}, vae, 0, 0.0, "exact", full)
     assert images.shape == (2, 32, 48, 3) and bool((images == 0.25).all())
     assert vae.stock_calls == ["encode", "decode"]
 
 
 def test_bad_options_and_inputs(sd_vae):
     with pytest.raises(InvalidInputError, match="fallback"):
-        qc.decode_latent(sd_vae, torch.zeros(1, 4, 4, 4), fallback="full")
+        qc.decode_latent(sd_vae, torch.zeros(1, 4, 4, 4), fallback="untiled")
     with pytest.raises(InvalidInputError, match="budget"):
         qc.decode_latent(sd_vae, torch.zeros(1, 4, 4, 4), budget_gb=-1)
     with pytest.raises(InvalidInputError, match="IMAGE"):
@@ -358,7 +359,7 @@ def test_node_definitions_follow_comfyui_conventions():
         assert list(inputs) == [first[0], "vae", "tile_size", "memory_budget_gb", "mode", "fallback"]
         assert inputs[first[0]] == (first[1],) and inputs["vae"] == ("VAE",)
         assert inputs["tile_size"][0] == "INT" and inputs["memory_budget_gb"][0] == "FLOAT"
-        assert inputs["mode"][0] == ["exact", "fast"] and inputs["fallback"][0] == ["error", "stock"]
+        assert inputs["mode"][0] == ["exact", "fast"] and inputs["fallback"][0] == ["error", "full"]
         assert callable(getattr(node(), node.FUNCTION)) and isinstance(node.CATEGORY, str)
         json.dumps(inputs)  # ComfyUI serves these to the browser
 
@@ -408,3 +409,17 @@ def test_repository_root_is_a_comfyui_custom_node_package():
     assert out["installed"] == ["Quadtree VAE Decode", "Quadtree VAE Encode"]
     assert out["installed_module"] == "quadtree_vae.comfy"  # the installed package, not a second copy
     assert not out["comfy_imported"]
+
+
+def test_a_real_error_is_not_turned_into_cannot_tile(fake_comfy):
+    """Only an unknown layout takes the fallback; a bug (here: get_sd failing) is raised as it is."""
+    vae = UnknownVAE()
+
+    def broken():
+        raise RuntimeError("simulated bug while reading the weights")
+
+    vae.get_sd = broken
+    for fallback in ("error", "full"):
+        with pytest.raises(RuntimeError, match="simulated bug"):
+            qc.decode_latent(vae, torch.zeros(1, 4, 4, 6), fallback=fallback)
+    assert vae.stock_calls == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import pickle
 import warnings
@@ -16,6 +17,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch import nn
 
+import quadtree_vae as qv
 from quadtree_vae import InvalidInputError, UnsupportedArchitectureError
 from quadtree_vae.hooks import STATE_ATTR, disable, enable, is_enabled, tiled
 
@@ -182,14 +184,20 @@ def test_qwen_image_decode_matches_untiled():
 def test_fast_mode_reaches_the_original_methods(kl, image):
     """Fast mode's statistics pass calls vae.encode/decode itself: it must not loop into the hooks."""
     image = image[:1]
+    calls, progress = counter()
     with torch.no_grad():
         z = kl.encode(image).latent_dist.mode()
         ref_y = kl.decode(z).sample
-        with tiled(kl, tile=TILE, mode="fast"):
+        with tiled(kl, tile=TILE, mode="fast", progress=progress):
             y = kl.decode(z).sample
+            ran_decode = len(calls)
             m = kl.encode(image).latent_dist.mode()
+    assert ran_decode > 1 and len(calls) > ran_decode + 1  # both went through the engine, tile by tile
+    assert calls[ran_decode - 1][0] == calls[ran_decode - 1][1] and calls[-1][0] == calls[-1][1]
     assert y.shape == ref_y.shape and m.shape == z.shape
-    assert torch.isfinite(y).all() and torch.isfinite(m).all()
+    # and gave what the engine gives in fast mode (the statistics pass reached the original methods)
+    assert max_diff(y, qv.decode(kl, z, tile=TILE, mode="fast")) < TOL
+    assert max_diff(m, qv.encode(kl, image, tile=TILE, mode="fast")) < TOL
 
 
 def test_input_requiring_grad_runs_untiled_with_a_warning(kl):
@@ -376,7 +384,8 @@ def test_copies_of_an_enabled_model(kl):
         pickled = pickle.loads(pickle.dumps(kl))
     assert is_enabled(clone) and vars(clone)["_decode"].vae is clone
     calls, progress = counter()
-    vars(clone)[STATE_ATTR].progress = progress
+    state = vars(clone)[STATE_ATTR]
+    state.options = dataclasses.replace(state.options, progress=progress)
     with torch.no_grad():
         assert max_diff(clone.decode(z).sample, ref) < TOL
     assert calls  # the copy runs tiled, on its own weights
@@ -386,3 +395,19 @@ def test_copies_of_an_enabled_model(kl):
         assert max_diff(pickled.decode(z).sample, ref) < TOL
     disable(pickled)
     assert "_decode" not in vars(pickled)
+
+
+def test_unexpected_arguments_run_untiled_with_a_warning(kl):
+    """Arguments the engine does not take go to the model's own method, with a warning (which
+    here refuses them, as it would without quadtree-vae)."""
+    z = torch.randn(1, 4, 4, 6, generator=torch.Generator().manual_seed(6))
+    calls, progress = counter()
+    with torch.no_grad(), tiled(kl, tile=16, progress=progress):
+        with pytest.warns(UserWarning, match="arguments the tiled engine does not take \\(generator=...\\)"), \
+                pytest.raises(TypeError, match="generator"):
+            vars(kl)["_decode"](z, True, generator=None)
+        with pytest.warns(UserWarning, match="does not take \\(str\\)"), pytest.raises(TypeError):
+            vars(kl)["_encode"](torch.zeros(1, 3, 32, 32), "extra")
+        assert calls == []  # the engine did not run
+        kl.decode(z)
+        assert calls  # and does on an ordinary call

@@ -12,6 +12,8 @@ from .common import Facts
 
 FAMILIES: tuple[ModuleType, ...] = (wan, sd)
 SUPPORTED = ", ".join(family.CLASSES for family in FAMILIES)
+#: The diffusers class names the adapters tile (each adapter lists its classes in ``MODELS``).
+CLASS_NAMES = tuple(cls.__name__ for family in FAMILIES for cls in family.MODELS)
 
 
 def adapter_for(vae: object) -> ModuleType:

@@ -19,11 +19,12 @@ from ..geometry import POINTWISE, chain
 from ..norm import group_norm
 from .common import Facts, conv_footprint, conv_work, unsupported, upsample_footprint
 
+MODELS = (AutoencoderKL,)
 CLASSES = "AutoencoderKL (SD 1.x/2.x, SDXL, SD3, Flux)"
 
 
 def supports(vae: nn.Module) -> bool:
-    return isinstance(vae, AutoencoderKL)
+    return isinstance(vae, MODELS)
 
 
 def check(vae: nn.Module) -> None:

@@ -1,0 +1,151 @@
+"""Latent files as ``qvae`` writes them: the model input fitted from an image or video (with the
+metadata that records the fitting), the checks before decoding one, and undoing the fitting after.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__, media
+from .console import RANDOM_NOTE, Console
+from .errors import InvalidInputError
+from .fitting import fit_pixels, fitted_size, frame_note, frames_to_add
+
+VERSION = "1"
+
+
+def model_input(src: media.Media, args, info: dict, what: str, out: Console):
+    """Fit the pixels for the model: returns (x, meta, shown) where ``x`` is the model input
+    (B, 3, [T,] H, W) in [-1, 1] on CPU, ``meta`` the latent metadata about the input and ``shown``
+    the (T, H, W, 3) uint8 frames a decode of ``x`` should reproduce (after fit/trim, without padding)."""
+    facts = info["facts"]
+    frames = src.frames
+    t, h, w = frames.shape[:3]
+    size, offset, notes = fitted_size(h, w, info["facts"].spatial_factor, args.fit, what)
+    meta: dict = {"kind": "video" if src.is_video else "image", "source_size": [h, w]}
+    if size != (h, w):
+        meta["fit"] = args.fit
+        if args.fit == "crop":
+            frames = fit_pixels(frames, size, offset)
+            meta["crop_offset"] = list(offset)
+    shown = frames
+    frames = fit_pixels(frames, size, offset)
+    meta["image_size"] = list(size)
+    meta["frames"] = t
+    if src.fps is not None:
+        meta["fps"] = str(src.fps)
+    if facts.temporal:
+        added = frames_to_add(facts, t, args.frames, what, "--frames {}")
+        if added:
+            notes.append(frame_note(t, added))
+        if added < 0:
+            frames, shown = frames[:added], shown[:added]
+            meta["frames_trimmed"] = -added
+        elif added > 0:
+            frames = np.concatenate([frames, np.repeat(frames[-1:], added, axis=0)])
+            meta["frames_padded"] = added
+        meta["frames_encoded"] = t + added
+        x = media.to_tensor(frames).permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, T, H, W)
+    else:
+        if src.is_video:
+            notes.append(f"{info['class']} is a 2-D (image) VAE: encoding the {t} frames one by one as a batch "
+                         f"of images (no temporal compression)")
+            meta["frames_as_batch"] = True
+        if args.frames not in (None, "error"):
+            notes.append(f"--frames {args.frames} does not apply to a 2-D VAE (any frame count works)")
+        meta["frames_encoded"] = t
+        x = media.to_tensor(frames)  # (T, 3, H, W): a batch of images
+    for n_ in notes:
+        out.note(n_)
+    return x, meta, shown
+
+
+def metadata(info: dict, z: torch.Tensor, args, source: Path) -> dict:
+    return {
+        "version": VERSION,
+        "quadtree_vae_version": __version__,
+        "architecture": info["arch"],
+        "vae_class": info["class"],
+        "vae": info["spec"],
+        "fingerprint": info["fingerprint"],
+        "vae_dtype": info["dtype"],
+        "random_weights": bool(info["random"]),
+        "note": RANDOM_NOTE if info["random"] else None,
+        "shape": list(z.shape),
+        "dtype": str(z.dtype).removeprefix("torch."),
+        "latent_channels": int(z.shape[1]),
+        "scaled": False,
+        "mode": args.mode,
+        "source": source.name,
+    }
+
+
+def frames_of(y: torch.Tensor, temporal: bool) -> np.ndarray:
+    """Model output (B, 3, [T,] H, W) -> (B*T, H, W, 3) uint8."""
+    if temporal and y.dim() == 5:
+        b, c, t, h, w = y.shape
+        y = y.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+    return media.from_tensor(y)
+
+
+def restore(frames: np.ndarray, meta: dict, out: Console) -> np.ndarray:
+    """Undo what encode added: padded frames and padded borders (as the metadata records)."""
+    padded = int(media.meta_value(meta, "frames_padded", 0) or 0)
+    if padded and frames.shape[0] > padded:
+        frames = frames[:-padded]
+        out.note(f"dropped the {padded} padding frame(s) added by --frames pad ({frames.shape[0]} frames)")
+    if media.meta_value(meta, "fit") == "pad":
+        size = media.meta_value(meta, "source_size")
+        if isinstance(size, list) and len(size) == 2 and size[0] <= frames.shape[1] and size[1] <= frames.shape[2]:
+            frames = frames[:, : size[0], : size[1]]
+            out.note(f"cropped the --fit pad border off: {size[0]}x{size[1]}")
+    return frames
+
+
+def check_decodable(z: torch.Tensor, meta: dict, info: dict, src: Path, dest: Path, out: Console) -> int:
+    """Refuse latents the VAE cannot decode; warn about a different model; returns the frame count
+    the output will have (after dropping padding frames)."""
+    made_by = media.meta_value(meta, "architecture")
+    by = f" (made by {made_by}, {media.meta_value(meta, 'vae_class')})" if made_by else ""
+    if z.dim() < 2 or z.shape[1] != info["latent_channels"]:
+        got = z.shape[1] if z.dim() >= 2 else "no"
+        raise InvalidInputError(
+            f"{src.name} holds latents with {got} channels{by}, shape {tuple(z.shape)}; the VAE {info['spec']} "
+            f"({info['class']}, {info['arch']}) takes {info['latent_channels']}. Pass the VAE that encoded them "
+            f"with --vae"
+        )
+    temporal = info["facts"].temporal
+    if z.dim() == 5 and not temporal:
+        raise InvalidInputError(
+            f"{src.name} holds 5-D video latents {tuple(z.shape)}{by}; the VAE {info['spec']} ({info['class']}) is a "
+            f"2-D image VAE. Pass the VAE that encoded them with --vae"
+        )
+    if z.dim() not in (4, 5):
+        raise InvalidInputError(f"{src.name}: expected a latent of shape (B, C, h, w) or (B, C, T, h, w), "
+                                f"got {tuple(z.shape)}")
+    fp = media.meta_value(meta, "fingerprint")
+    made_in = media.meta_value(meta, "vae_dtype")
+    if fp and str(fp) != info["fingerprint"] and made_in and made_in != info["dtype"]:
+        out.warn(f"{src.name} was made by a VAE in {made_in} (fingerprint {fp}); decoding in {info['dtype']} "
+                 f"(fingerprint {info['fingerprint']}): the fingerprint depends on the dtype, so it cannot tell "
+                 f"whether these are the same weights")
+    elif fp and str(fp) != info["fingerprint"]:
+        out.warn(f"{src.name} was made by a VAE with fingerprint {fp}{by}; decoding with {info['fingerprint']} "
+                 f"({info['spec']}): the output will not match the encoded input")
+    elif made_by and made_by != info["arch"]:
+        out.warn(f"{src.name} was made by {made_by}; decoding with {info['arch']}")
+    if media.meta_value(meta, "random_weights") is True and not info["random"]:
+        out.warn(f"{src.name} was encoded with random weights: it does not hold a real image")
+    count = z.shape[0] * (info["facts"].image_frames(z.shape[2]) if z.dim() == 5 else 1)
+    padded = int(media.meta_value(meta, "frames_padded", 0) or 0)
+    if padded and count > padded:
+        count -= padded
+    if count > 1 and dest.suffix.lower() in media.IMAGE_WRITE:
+        raise InvalidInputError(
+            f"{src.name} decodes to {count} frames, which do not fit in {dest.suffix}; write a video "
+            f"({', '.join(media.VIDEO_WRITE)})"
+        )
+    return count
