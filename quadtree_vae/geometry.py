@@ -120,7 +120,30 @@ def chain(*parts) -> Chain | Conv | Up:
     return kept[0] if len(kept) == 1 else Chain(kept)
 
 
-Footprint = Conv | Up | Chain
+@dataclass(frozen=True)
+class Aligned:
+    """A block that reads its input in whole ``cell`` x ``cell`` cells (a space-to-depth or average-pool
+    shortcut next to a strided main path): the input it needs is widened outward to the cell grid."""
+
+    inner: Conv | Up | Chain
+    cell: int
+
+    def need(self, out: Interval, n_in: int) -> Interval:
+        i0, i1 = self.inner.need(out, n_in)
+        return clip((i0 // self.cell * self.cell, -(-i1 // self.cell) * self.cell), n_in)
+
+    def produced(self, inp: Interval) -> Interval:
+        return self.inner.produced(inp)
+
+    def out_size(self, n_in: int) -> int:
+        return self.inner.out_size(n_in)
+
+    @property
+    def scale(self) -> tuple[int, int]:
+        return self.inner.scale
+
+
+Footprint = Conv | Up | Chain | Aligned
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import adapters
+from . import adapters, keymaps
 from .errors import InvalidInputError, LoadError, UnsupportedArchitectureError
 from .options import parse_device
 
@@ -55,9 +55,9 @@ ARCH_ATTR = "_quadtree_vae_arch"
 RANDOM_ATTR = "_quadtree_vae_random"
 
 #: Architectures with a shipped config in ``quadtree_vae/configs/<arch>.json``.
-ARCHES = ("wan2.1", "qwen-image", "sd", "sdxl", "flux", "sd3")
+ARCHES = ("wan2.1", "qwen-image", "sd", "sdxl", "flux", "sd3", "wan2.2", "qwen-image-2.1", "flux2")
 #: What :func:`detect_layout` can return.
-LAYOUTS = ("wan2.1", "wan2.2", "ldm", "ldm-noquant")
+LAYOUTS = ("wan2.1", "wan2.2", "ldm", "ldm-noquant", "flux2")
 
 _ARCH_ALIASES = {
     "wan": "wan2.1",
@@ -78,6 +78,14 @@ _ARCH_ALIASES = {
     "flux": "flux",
     "sd3": "sd3",
     "sd3.5": "sd3",
+    "wan2.2": "wan2.2",
+    "wan22": "wan2.2",
+    "wan-2.2": "wan2.2",
+    "qwen-image-2.1": "qwen-image-2.1",
+    "qwen-image2.1": "qwen-image-2.1",
+    "qwenimage21": "qwen-image-2.1",
+    "flux2": "flux2",
+    "flux.2": "flux2",
 }
 _LAYOUT_OF_ARCH = {
     "wan2.1": "wan2.1",
@@ -86,9 +94,12 @@ _LAYOUT_OF_ARCH = {
     "sdxl": "ldm",
     "flux": "ldm-noquant",
     "sd3": "ldm-noquant",
+    "wan2.2": "wan2.2",
+    "qwen-image-2.1": "diffusers folder",  # no release file layout is known yet
+    "flux2": "flux2",
 }
 # The keys cannot tell SD from SDXL, nor Flux from SD3: these are the defaults, `arch=` overrides.
-_DEFAULT_ARCH = {"wan2.1": "wan2.1", "ldm": "sd", "ldm-noquant": "flux"}
+_DEFAULT_ARCH = {"wan2.1": "wan2.1", "wan2.2": "wan2.2", "ldm": "sd", "ldm-noquant": "flux", "flux2": "flux2"}
 
 # Small configs for fast tests. They shrink widths and depths only; latent channels, spatial and
 # temporal factors, mid-block attention and quant convs stay as in the real model, so code that
@@ -101,6 +112,9 @@ _TINY = {
     "sdxl": _TINY_SD,
     "flux": _TINY_SD,
     "sd3": _TINY_SD,
+    "wan2.2": {"base_dim": 8, "decoder_base_dim": 16},
+    "qwen-image-2.1": {"base_dim": 8, "decoder_base_dim": 8},
+    "flux2": _TINY_SD,
 }
 
 # Keys that identify a layout whatever prefix they sit under.
@@ -111,7 +125,7 @@ _PREFIX_PREFERENCE = ("", "first_stage_model.", "vae.")
 # Top-level names of the VAE's own modules in each layout; anything else (UNet, text encoders,
 # `loss.*` discriminator weights, EMA copies) is not part of the VAE and is dropped.
 _WAN_NAMESPACES = ("encoder.", "decoder.", "conv1.", "conv2.")
-_LDM_NAMESPACES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+_LDM_NAMESPACES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")  # bn: Flux.2
 
 _SAFETENSORS_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
 _TORCH_EXTS = (".pt", ".pth", ".ckpt", ".bin")
@@ -546,12 +560,9 @@ def _extract(sd: Mapping[str, torch.Tensor], family: str, prefix: str) -> dict[s
     return out
 
 
-_WAN22_NESTED = re.compile(r"^(encoder\.downsamples\.\d+\.downsamples\.|decoder\.upsamples\.\d+\.upsamples\.)")
-
-
 def _classify(family: str, vae_sd: Mapping[str, torch.Tensor]) -> str:
     if family == "wan":
-        if any(_WAN22_NESTED.match(k) for k in vae_sd):
+        if keymaps.is_wan22(vae_sd):
             return "wan2.2"
         conv_in = vae_sd.get("encoder.conv1.weight")
         head = vae_sd.get("encoder.head.2.weight")
@@ -560,6 +571,8 @@ def _classify(family: str, vae_sd: Mapping[str, torch.Tensor]) -> str:
         ):
             return "wan2.2"  # patchified 12-channel input or a 48-channel latent
         return "wan2.1"
+    if keymaps.is_flux2(vae_sd):
+        return "flux2"
     if "quant_conv.weight" in vae_sd or "post_quant_conv.weight" in vae_sd:
         return "ldm"
     return "ldm-noquant"
@@ -665,6 +678,16 @@ def _wan_config(sd: Mapping[str, torch.Tensor], arch: str, source: str) -> dict[
     return config
 
 
+def _wan22_config(sd: Mapping[str, torch.Tensor], source: str) -> dict[str, Any]:
+    """The released Wan 2.2 config with the widths, depths and factors read off the weights."""
+    config = _arch_config("wan2.2")
+    config.update(keymaps.wan22_config(sd, source))
+    if len(config["latents_mean"]) != config["z_dim"]:  # the shipped statistics belong to z_dim 48
+        config["latents_mean"] = [0.0] * config["z_dim"]
+        config["latents_std"] = [1.0] * config["z_dim"]
+    return config
+
+
 def _norm_groups(channels: list[int]) -> int:
     """ldm's Normalize always uses 32 groups; narrower test models fall back to the largest
     power-of-two divisor of 32 that divides every width (the files do not record the count)."""
@@ -736,12 +759,6 @@ def _build_from_state_dict(
     family, prefix = _locate(tensors, source)
     vae_sd = _extract(tensors, family, prefix)
     layout = _classify(family, vae_sd)
-    if layout == "wan2.2":
-        raise LoadError(
-            f"{source}: this is a Wan 2.2 VAE (z_dim 48, residual blocks, patch size 2), which is recognised "
-            f"but not supported from a single file yet (diffusers has no converter for it); load a Wan 2.2 "
-            f"diffusers folder (config.json + weights) instead"
-        )
     if arch is None:
         arch = _DEFAULT_ARCH[layout]
     elif _LAYOUT_OF_ARCH[arch] != layout:
@@ -755,6 +772,14 @@ def _build_from_state_dict(
     if layout == "wan2.1":
         config = _wan_config(vae_sd, arch, source)
         converted = convert_wan_vae_to_diffusers(vae_sd)
+    elif layout == "wan2.2":
+        config = _wan22_config(vae_sd, source)
+        converted = keymaps.wan22_to_diffusers(vae_sd, source)
+    elif layout == "flux2":
+        ldm_sd, bn = keymaps.flux2_to_ldm(vae_sd)
+        config = _ldm_config(ldm_sd, arch, source)
+        config.update(keymaps.flux2_config(bn, config["latent_channels"], source))
+        converted = {**convert_ldm_vae_checkpoint(ldm_sd, config), **bn}
     else:
         config = _ldm_config(vae_sd, arch, source)
         converted = convert_ldm_vae_checkpoint(vae_sd, config)
@@ -923,6 +948,9 @@ def _kind(vae: nn.Module) -> str | None:
 
 
 def _guess_arch(vae: nn.Module) -> str:
+    by_class = {"AutoencoderKLQwenImage21": "qwen-image-2.1", "AutoencoderKLFlux2": "flux2"}
+    if type(vae).__name__ in by_class:
+        return by_class[type(vae).__name__]
     kind = _kind(vae)
     cfg = _config_dict(vae)
     if kind == "qwen":

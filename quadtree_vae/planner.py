@@ -232,9 +232,12 @@ def cut_points(net: Network, mode: str) -> list[int]:
             cuts |= {i, i + 1}
         if s.norm is not None and mode == "exact":
             cuts.add(i)
-        if sizes[i + 1][0] < sizes[i][0]:  # cut where the tensor is smallest: after a downsampler,
+        # cut where the tensor is smallest: after a downsampler, before an upsampler; a pure
+        # reshape (patchify) changes the resolution but not the size, so it stays inside a segment
+        before, after = s.channels[0] * sizes[i][0] * sizes[i][1], s.channels[1] * sizes[i + 1][0] * sizes[i + 1][1]
+        if sizes[i + 1][0] < sizes[i][0] and after < before:
             cuts.add(i + 1)
-        elif sizes[i + 1][0] > sizes[i][0]:  # before an upsampler
+        elif sizes[i + 1][0] > sizes[i][0] and after > before:
             cuts.add(i)
     for i, s in enumerate(steps):  # a residual that spans a cut reads a materialised input
         if s.skip is not None and any(s.skip < c <= i for c in cuts):

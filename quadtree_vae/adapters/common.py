@@ -18,8 +18,10 @@ class Facts:
     name: str  # the model's class name, for messages
     spatial_factor: int  # image pixels per latent pixel along each side
     temporal_factor: int | None  # videos take 1 + temporal_factor * k frames; None: images only (4-D)
-    in_channels: int  # image channels the encoder takes
+    in_channels: int  # channels of the image the user passes (before any patchify)
     latent_channels: int
+    patch_size: int = 1  # pixels per side the model folds into channels before its encoder (Wan 2.2: 2)
+    max_frames: int | None = None  # the most frames a clip may have (Qwen-Image 2.1: 1); None: no limit
 
     @property
     def temporal(self) -> bool:

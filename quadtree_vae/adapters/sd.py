@@ -10,7 +10,7 @@ is a global step.
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderKLFlux2
 from torch import nn
 from torch.nn import functional as F
 
@@ -19,11 +19,13 @@ from ..geometry import POINTWISE, chain
 from ..norm import group_norm
 from .common import Facts, conv_footprint, conv_work, unsupported, upsample_footprint
 
-MODELS = (AutoencoderKL,)
-CLASSES = "AutoencoderKL (SD 1.x/2.x, SDXL, SD3, Flux)"
+MODELS = (AutoencoderKL, AutoencoderKLFlux2)
+CLASSES = "AutoencoderKL (SD 1.x/2.x, SDXL, SD3, Flux), AutoencoderKLFlux2 (Flux.2)"
 
 
 def supports(vae: nn.Module) -> bool:
+    """AutoencoderKL, and Flux.2's class with the same encoder/decoder (its ``bn`` and 2x2 patchify of
+    the latents are applied by the pipeline, outside ``encode``/``decode``, so they are not tiled here)."""
     return isinstance(vae, MODELS)
 
 
