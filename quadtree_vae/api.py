@@ -262,7 +262,8 @@ def _run(op, vae, x, tile, budget, mode, frames, fallback, output_device, progre
         fixed = _fast_stats(vae, net, op, x.to(dtype), plan_) if mode == "fast" else {}
         park = device if plan_.park == "device" else torch.device("cpu")
         tick = _ticker(plan_, net, x.shape[2] if net.temporal else 1, progress)
-        y = execute(net, plan_.segments, x.to(dtype), Run(device, park, out_device, fixed, tick))
+        caches = device if plan_.cache_at == "device" else torch.device("cpu")
+        y = execute(net, plan_.segments, x.to(dtype), Run(device, park, out_device, fixed, tick, caches))
     if not bool(torch.isfinite(y).all()):
         raise NonFiniteOutputError(
             f"{name} {op} produced NaN/Inf values in {dtype}: the VAE overflowed. Run it in float32 or "
