@@ -64,7 +64,9 @@ def test_encode_frames_takes_irregular_chunks(model):
     assert [g.shape[2] for g in got] == [2, 2]  # latent frames, window by window
     assert max_diff(torch.cat(got, dim=2), untiled_encode(model, x)) <= TOL
     frames = [x[:, :, i] for i in range(13)]  # single (B, 3, H, W) frames, as read from a file
-    assert max_diff(torch.cat(list(qv.encode_frames(model, frames, tile=16)), dim=2), untiled_encode(model, x)) <= TOL
+    plan = two_columns(qv.plan(model, (2, 3, 81, H, W)))  # a stream's plan is made for any length
+    got = torch.cat(list(qv.encode_frames(model, frames, plan=plan)), dim=2)
+    assert max_diff(got, untiled_encode(model, x)) <= TOL
 
 
 def test_decode_frames_yields_windows_as_they_finish(model):
@@ -95,7 +97,7 @@ def test_bad_streams_are_refused(wan, sd):
     with pytest.raises(qv.InvalidInputError, match="no frames"):
         next(qv.encode_frames(wan, []))
     with pytest.raises(qv.InvalidInputError, match="does not match"):
-        list(qv.encode_frames(wan, [x, video(1, 4, H, 24)]))
+        list(qv.encode_frames(wan, [x, video(1, 4, H, 2 * W)]))
     with pytest.raises(qv.InvalidInputError, match="video VAE"):
         next(qv.decode_frames(sd, torch.randn(1, 4, 2, 2)))
     with pytest.raises(qv.InvalidInputError, match="window"):
@@ -112,8 +114,8 @@ def test_gradients_stay_on_between_yields(wan):
     stream.close()
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data(), t=st.sampled_from([3, 4]), which=st.sampled_from(["wan", "qwen"]))
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), t=st.sampled_from([2, 3]), which=st.sampled_from(["wan", "qwen"]))
 def test_random_windows_and_layouts_decode(data, t, which, wan, qwen):
     model = {"wan": wan, "qwen": qwen}[which]
     z = torch.randn(1, 4, t, 3, 4, generator=torch.Generator().manual_seed(t))
@@ -131,11 +133,11 @@ def test_full_default_wan_streams_at_small_size():
     from diffusers import AutoencoderKLWan
 
     vae = seeded(AutoencoderKLWan, 5)
-    x = video(1, 5, H, W, seed=2)
+    x = video(1, 5, H, 48, seed=2)  # two tiles of 24 px across
     ref = untiled_encode(vae, x)
-    got = torch.cat(list(qv.encode_frames(vae, torch.split(x, [2, 3], dim=2), tile=16, window=1)), dim=2)
+    got = torch.cat(list(qv.encode_frames(vae, torch.split(x, [2, 3], dim=2), tile=24, window=1)), dim=2)
     assert max_diff(got, ref) <= TOL
-    y = torch.cat(list(qv.decode_frames(vae, ref, tile=16, window=1)), dim=2)
+    y = torch.cat(list(qv.decode_frames(vae, ref, tile=24, window=1)), dim=2)
     assert max_diff(y, untiled_decode(vae, ref)) <= TOL
 
 
