@@ -3,6 +3,7 @@
 >>> import quadtree_vae as qv
 >>> z = qv.encode(vae, x, tile=256)      # == vae.encode(x).latent_dist.mode(), up to float rounding
 >>> y = qv.decode(vae, z, budget="4GB")  # == vae.decode(z).sample
+>>> for frames in qv.decode_frames(vae, z, tile=512): ...  # videos: frames as they finish
 """
 
 from .api import decode, encode, plan
@@ -18,6 +19,7 @@ from .errors import (
 from .hooks import disable, enable, tiled
 from .loading import load_vae, random_vae
 from .planner import Plan, Segment
+from .stream import decode_frames, encode_frames
 
 __version__ = "0.1.0"
 
@@ -32,10 +34,12 @@ __all__ = [
     "Segment",
     "UnsupportedArchitectureError",
     "decode",
+    "decode_frames",
     "disable",
     "enable",
     "encode",
     "encode_dataset",
+    "encode_frames",
     "load_vae",
     "plan",
     "random_vae",

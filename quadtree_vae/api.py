@@ -135,7 +135,7 @@ def plan_for(
     if op == "encode" and facts.temporal and opts.frames != "error":  # plan for the clip as fitted
         added = frames_to_add(facts, shape5[2], opts.frames, f"{facts.name} encode")
         shape5 = (*shape5[:2], shape5[2] + added, *shape5[3:])
-    dev = parse_device(device) if device is not None else _device(vae)
+    dev = parse_device(device, here=opts.budget is None) if device is not None else _device(vae)
     net = _network(family, vae, op, opts.mode)
     return _plan(net, facts, op, shape5, opts, dev, dtype or _dtype(vae))
 
@@ -276,7 +276,9 @@ def run_tiled(op: str, vae: nn.Module, x: torch.Tensor, opts: Options, moments: 
         fixed = _fast_stats(vae, net, op, x.to(dtype), plan_) if opts.mode == "fast" else {}
         park = device if plan_.park == "device" else torch.device("cpu")
         tick = _ticker(plan_, net, x.shape[2] if net.temporal else 1, opts.progress, opts.group)
-        y = execute(net, plan_.segments, x.to(dtype), Run(device, park, out_device, fixed, tick, ranks=opts.group))
+        caches = device if plan_.cache_at == "device" else torch.device("cpu")
+        run = Run(device, park, out_device, fixed, tick, ranks=opts.group, caches=caches)
+        y = execute(net, plan_.segments, x.to(dtype), run)
     if y is None:  # distributed, and the result went to another rank (Ranks.dst)
         return None
     if not bool(torch.isfinite(y).all()):

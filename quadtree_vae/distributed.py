@@ -154,12 +154,16 @@ def owners(layout: Layout, n: int) -> list[int]:
     return owner
 
 
+def mine(layout: Layout, ranks: Ranks | None) -> list[int]:
+    """Indices of the tiles of ``layout`` this rank runs, in layout order (all of them without a group)."""
+    if ranks is None:
+        return list(range(len(layout)))
+    return [i for i, r in enumerate(owners(layout, ranks.size)) if r == ranks.rank]
+
+
 def share(layout: Layout, ranks: Ranks | None) -> list[Region]:
     """The tiles of ``layout`` this rank runs, in layout order (all of them without a group)."""
-    if ranks is None:
-        return list(layout)
-    me = ranks.rank
-    return [core for core, r in zip(layout, owners(layout, ranks.size)) if r == me]
+    return [layout[i] for i in mine(layout, ranks)]
 
 
 # ------------------------------------------------------------------------------------ exchange

@@ -6,12 +6,14 @@ every tile the engine walks the segment's footprints backwards to get the region
 see, then streams the time chunks through the blocks in order, cropping after each block, with a
 causal cache of the tile's own; the tile's core is written into the segment's output. Segments
 that need the whole frame (attention) run untiled on the materialised tensor between segments.
-GroupNorm statistics are accumulated from the cores the previous segment writes.
+GroupNorm statistics are accumulated from the cores the previous segment writes. Videos run in
+time windows (see "windows" below), so what waits between segments is one window, not the clip.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -84,6 +86,7 @@ class Frames:
     tensor: torch.Tensor
     bounds: list[tuple[int, int]] | None  # None for 4-D tensors
     owned: bool = True  # made by the engine, so it may be overwritten once no step needs it
+    start: int = 0  # index in the whole clip of its first time chunk (a window's place in the stream)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -115,22 +118,157 @@ class Run:
     """Everything the engine needs besides the network and plan."""
 
     device: torch.device
-    park: torch.device  # where tensors between segments wait
+    park: torch.device  # where tensors wait between segments
     output: torch.device  # where the final result goes
     fixed_stats: dict[int, Moments] = field(default_factory=dict)  # fast mode: step index -> stats
     tick: Callable[[], None] = lambda: None  # called after each tile x chunk
     ranks: distributed.Ranks | None = None  # tile-parallel over a process group; None: this process alone
+    caches: torch.device | None = None  # where causal caches wait between windows (None: the device)
+
+
+# ------------------------------------------------------------------------------------------ windows
+#
+# A temporal network streams time in chunks (the Wan encoder: 1 frame, then 4; the decoder: 1 latent
+# frame); chunk i of the input becomes chunk i at every step, whatever the time scales, so a window
+# is a run of consecutive chunk indices. Segments with the same ``window`` form a pass: the pass runs
+# its windows one after the other, and each window through all its segments, tile by tile; every
+# (segment, tile) keeps its causal cache from one window to the next. Between passes the whole clip
+# is materialised. A segment with ``window=None`` runs the whole clip in one window (tile-outer,
+# time-inner), so only one tile's caches are alive at a time. A temporal halo (look-ahead frames for
+# a non-causal decoder) would extend a window by frames read from the next one.
+
+
+def window_of(seg) -> int | None:
+    """Chunks per window of a segment (None: the whole clip at once)."""
+    return getattr(seg, "window", None)
+
+
+class Caches:
+    """Causal caches of every (segment, tile) of a pass, kept from one window to the next."""
+
+    def __init__(self, device: torch.device, store: torch.device | None):
+        self.device, self.store = device, store if store is not None else device
+        self.slots: dict[tuple[int, int], list[list]] = {}
+
+    def take(self, key: tuple[int, int], steps: Sequence[Step]) -> list[list]:
+        """The tile's caches on the device (empty slots on its first window)."""
+        found = self.slots.pop(key, None)
+        return [[None] * s.cache_slots for s in steps] if found is None else _moved(found, self.device)
+
+    def put(self, key: tuple[int, int], caches: list[list]) -> None:
+        self.slots[key] = _moved(caches, self.store)
+
+
+def _moved(caches: list[list], device: torch.device) -> list[list]:
+    return [[c.to(device) if isinstance(c, torch.Tensor) else c for c in slots] for slots in caches]
+
+
+def passes(segments: Sequence) -> list[list[tuple[int, object]]]:
+    """Consecutive segments with the same window length, with their indices."""
+    out: list[list[tuple[int, object]]] = []
+    for i, seg in enumerate(segments):
+        if out and window_of(out[-1][-1][1]) == window_of(seg):
+            out[-1].append((i, seg))
+        else:
+            out.append([(i, seg)])
+    return out
+
+
+def _windows(chunks: Iterable[torch.Tensor] | Frames, size: int | None) -> Iterator[Frames]:
+    """Group a stream of time chunks into windows of ``size`` chunks (None: all of them).
+
+    A whole clip already in memory (``Frames``) is one window as it is, or split into views.
+    """
+    if isinstance(chunks, Frames):
+        if size is None:
+            yield chunks
+            return
+        clip = chunks
+        chunks = (clip.read(b) for b in clip.chunks())
+    batch: list[torch.Tensor] = []
+    start = 0
+    for chunk in chunks:
+        batch.append(chunk)
+        if size is not None and len(batch) == size:
+            window, batch = _window(batch, start), []  # the chunks are not held while the window runs
+            start += size
+            yield window
+    if batch:
+        window, batch = _window(batch, start), []
+        yield window
+
+
+def _window(chunks: list[torch.Tensor], start: int) -> Frames:
+    tensor = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+    return Frames(tensor, bounds_of([c.shape[2] for c in chunks]), owned=len(chunks) > 1, start=start)
+
+
+def frames_out(net: Network, lengths: Sequence[int]) -> int:
+    """Frames that ``net`` makes from input chunks of ``lengths`` (the first chunk is never rescaled)."""
+    scale = math.prod((s.time_scale for s in net.steps), start=Fraction(1))
+    return lengths[0] + int(sum(Fraction(n) * scale for n in lengths[1:]))
 
 
 def execute(net: Network, segments: Sequence, x: torch.Tensor, run: Run) -> torch.Tensor | None:
-    """Run ``net`` on ``x`` following ``segments`` (objects with start, stop, layout).
+    """Run ``net`` on ``x`` following ``segments`` (objects with start, stop, layout[, window]).
 
     None only on the ranks of a tile-parallel run that do not receive the result (``Ranks.dst``).
     """
+    if not net.temporal:
+        return _run_window(net, segments, Frames(x, None, owned=False), Caches(run.device, run.caches), run,
+                           run.output).tensor
+    lengths = net.chunks(x.shape[2])
+    total = frames_out(net, lengths)
+    out: torch.Tensor | None = None
+    t = 0
+    for piece in stream(net, segments, Frames(x, bounds_of(lengths), owned=False), run):
+        if piece is None:  # tile-parallel: this window went to another rank
+            continue
+        if piece.shape[2] == total:  # the clip in one window: already whole
+            return piece
+        if out is None:
+            out = torch.empty((*piece.shape[:2], total, *piece.shape[3:]), dtype=piece.dtype, device=piece.device)
+        out[:, :, t : t + piece.shape[2]] = piece
+        t += piece.shape[2]
+    assert out is None or t == out.shape[2], "the stream ended early"
+    return out
+
+
+def stream(
+    net: Network, segments: Sequence, chunks: Iterable[torch.Tensor] | Frames, run: Run
+) -> Iterator[torch.Tensor]:
+    """Run a temporal ``net`` on a stream of input time chunks (or a whole clip); yields the output
+    window by window."""
+    groups = passes(segments)
+    flow: Iterable[torch.Tensor] | Frames = chunks
+    for k, group in enumerate(groups):
+        last = k == len(groups) - 1
+        done = _run_pass(net, group, flow, run, run.output if last else run.park, segments)
+        if last:
+            yield from (window.tensor for window in done)
+        else:
+            flow = (window.read(b) for window in done for b in window.chunks())
+
+
+def _run_pass(net: Network, group, chunks: Iterable[torch.Tensor] | Frames, run: Run, target,
+              every: Sequence) -> Iterator[Frames]:
+    """One pass: its windows one after the other, each through all the pass's segments."""
+    size = window_of(group[0][1])
+    caches = Caches(run.device, run.caches if size is not None else None)
+    for window in _windows(chunks, size):
+        yield _run_window(net, [seg for _, seg in group], window, caches, run, target, [i for i, _ in group], every)
+
+
+def _run_window(net: Network, segments: Sequence, cur: Frames, caches: Caches, run: Run, target,
+                keys: Sequence[int] | None = None, every: Sequence | None = None) -> Frames:
+    """Run ``cur`` (one window of frames, or a whole image) through ``segments`` in order.
+
+    ``keys``: the segments' indices in the plan's list ``every`` (default: ``segments`` is the plan).
+    """
     steps = net.steps
+    keys = list(range(len(segments))) if keys is None else keys
+    every = segments if every is None else every
     skip_sources = {s.skip for s in steps if s.skip is not None}
-    lengths = net.chunks(x.shape[2]) if net.chunks else None
-    cur = Frames(x, bounds_of(lengths) if lengths else None, owned=False)
     kept: dict[int, Frames] = {}
     pending: Moments | None = None
     for i, seg in enumerate(segments):
@@ -144,31 +282,48 @@ def execute(net: Network, segments: Sequence, x: torch.Tensor, run: Run) -> torc
             stats[seg.start] = pending
         nxt = steps[seg.stop] if seg.stop < len(steps) else None
         groups = nxt.norm.num_groups if nxt is not None and nxt.norm is not None and seg.stop not in stats else None
-        target = run.output if last else run.park
+        out_to = target if last else run.park
         if steps[seg.start].is_global:
-            cur, pending = _run_global(steps[seg.start], cur, stats.get(seg.start), groups, target, run)
+            cur, pending = _run_global(steps[seg.start], cur, stats.get(seg.start), groups, out_to, run)
         else:
-            reuse = _reusable(steps, seg, kept, target, cur)
-            cur, pending = _run_tiled(net, seg, cur, kept, stats, groups, target, run, skip_sources, reuse)
+            reuse = _reusable(steps, seg, kept, out_to, cur)
+            state = _TileCaches(caches, keys[i], keep=window_of(seg) is not None)
+            cur, pending = _run_tiled(net, seg, cur, kept, stats, groups, out_to, run, skip_sources, reuse, state)
             if run.ranks is not None:  # distributed: what later tiles read from other ranks; moments all-reduced
-                cur = distributed.assemble(cur, steps, segments, i, run.ranks, target, run.device)
+                cur = distributed.assemble(cur, steps, every, keys[i], run.ranks, out_to, run.device)
                 if groups:
                     pending = distributed.all_reduce(pending, groups, cur.tensor.shape[0], run.ranks, run.device)
         for j in [j for j in kept if all(s.skip != j for s in steps[seg.stop :])]:
             del kept[j]
-    return cur.tensor
+    return cur
+
+
+@dataclass
+class _TileCaches:
+    """The caches of one segment's tiles within a pass: kept across windows, or dropped per tile."""
+
+    caches: Caches
+    segment: int
+    keep: bool
+
+    def take(self, tile: int, steps: Sequence[Step]) -> list[list]:
+        return self.caches.take((self.segment, tile), steps)
+
+    def put(self, tile: int, caches: list[list]) -> None:
+        if self.keep:
+            self.caches.put((self.segment, tile), caches)
 
 
 def _run_global(step: Step, cur: Frames, stats, groups, target, run: Run):
     pieces, parts = [], []
     for i, chunk in enumerate(cur.chunks()):
-        y = step.fn(cur.read(chunk).to(run.device), Ctx(first=i == 0, stats=stats))
+        y = step.fn(cur.read(chunk).to(run.device), Ctx(first=cur.start + i == 0, stats=stats))
         if groups:
             parts.append(Moments.of(y, groups))
         pieces.append(y.to(target))
         run.tick()
     out = torch.cat(pieces, dim=2) if cur.bounds is not None else pieces[0]
-    return Frames(out, cur.bounds), merge_all(parts) if parts else None
+    return Frames(out, cur.bounds, start=cur.start), merge_all(parts) if parts else None
 
 
 def _reusable(steps: Sequence[Step], seg, kept: dict[int, Frames], target: torch.device,
@@ -191,15 +346,17 @@ def _reusable(steps: Sequence[Step], seg, kept: dict[int, Frames], target: torch
     return src
 
 
-def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run: Run, skip_sources, reuse):
+def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run: Run, skip_sources, reuse,
+               state: _TileCaches):
     steps = net.steps[seg.start : seg.stop]
     fps = [s.footprint for s in steps]
     out: torch.Tensor | None = None
     out_bounds = None
     parts: list[Moments] = []
-    for core in distributed.share(seg.layout, run.ranks):  # all tiles, or this rank's share
+    for ti in distributed.mine(seg.layout, run.ranks):  # all tiles, or this rank's share
+        core = seg.layout[ti]
         regions = halo_regions(fps, core, cur.size)
-        caches = [[None] * s.cache_slots for s in steps]
+        caches = state.take(ti, steps)
         pieces = []
         for ci, chunk in enumerate(cur.chunks()):
             t = cur.read(chunk, regions[0]).to(run.device)
@@ -209,7 +366,7 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
                 if idx in skip_sources:
                     inputs[idx] = (t, regions[k])
                 got = produced(step.footprint, regions[k])
-                t = crop(step.fn(t, Ctx(caches[k], ci == 0, stats.get(idx))), got, regions[k + 1])
+                t = crop(step.fn(t, Ctx(caches[k], cur.start + ci == 0, stats.get(idx))), got, regions[k + 1])
                 if step.skip is not None:
                     if step.skip in inputs:
                         skip = crop(*inputs[step.skip], regions[k + 1])
@@ -221,6 +378,7 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
                 parts.append(Moments.of(t, groups))
             pieces.append(t.to(target))
             run.tick()
+        state.put(ti, caches)
         del caches
         tile = torch.cat(pieces, dim=2) if cur.bounds is not None else pieces[0]
         if out is None:
@@ -235,7 +393,7 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
         if out is not tile:
             out[..., core.y[0] : core.y[1], core.x[0] : core.x[1]] = tile
     assert out is not None or run.ranks is not None, "a segment with an empty layout"
-    return Frames(out, out_bounds), merge_all(parts) if parts else None
+    return Frames(out, out_bounds, start=cur.start), merge_all(parts) if parts else None
 
 
 def _whole(tile: torch.Tensor, shape: tuple[int, ...]) -> bool:

@@ -115,8 +115,11 @@ def parse_bytes(value: object) -> int | None:
     return n
 
 
-def parse_device(device: object) -> torch.device:
-    """A device that exists here and can hold data: refuses unknown names, ``meta`` and absent CUDA/MPS."""
+def parse_device(device: object, here: bool = True) -> torch.device:
+    """A device that exists here and can hold data: refuses unknown names, ``meta`` and absent CUDA/MPS.
+
+    ``here=False`` (planning with a given budget for a device elsewhere) checks only the name.
+    """
     if isinstance(device, str):
         try:
             device = torch.device(device)
@@ -126,6 +129,8 @@ def parse_device(device: object) -> torch.device:
         raise InvalidInputError(f"device must be a str or torch.device, got {type(device).__name__}")
     if device.type == "meta":
         raise InvalidInputError("device 'meta' holds no data; use cpu, cuda or mps")
+    if not here:
+        return device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"device {str(device)!r} requested but CUDA is not available here")
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -11,21 +11,24 @@ need no more memory than such a tile (larger in image pixels, so they recompute 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from functools import partial
+from typing import NamedTuple
 
 import torch
 
-from .engine import Network
+from .engine import Network, Step, passes
 from .errors import InvalidInputError
 from .geometry import Layout, Region, check_layout, full, halo_regions, produced, quadtree, sizes_along
 
 MIN_TILE = 16  # px on the image side: two latent pixels; below it the halo is most of the work
 CACHE_T = 2  # frames a causal 3x3x3 conv keeps between chunks
+MAX_WINDOW = 16  # time chunks per window at most: beyond it, longer windows only hold more
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class Segment:
     work: float  # estimated multiply-adds with halos recomputed
     work_untiled: float
     halo: int  # widest halo of any tile, in pixels of the segment's input
+    cache: int = 0  # bytes of the causal caches of all its tiles together
+    window: int | None = None  # time chunks per window; None: the whole clip (or image) at once
 
 
 @dataclass(frozen=True)
@@ -58,14 +63,25 @@ class Plan:
     tile_limit: int  # bytes a tile may use on the device
     budget: int | None
     park: str  # "device" or "cpu": where tensors wait between segments
-    cut_bytes: int  # largest set of tensors alive between segments
+    cut_bytes: int  # largest set of tensors alive between segments (windows, and whole clips between passes)
+    window: int | None = None  # time chunks (= latent frames) per window of the windowed segments
+    cache_bytes: int = 0  # causal caches kept from one window to the next
+    cache_at: str = "device"  # "device" or "cpu": where those caches wait
+    chunks: int = 1  # time chunks of the whole clip
     _relayout: Callable[[Segment, Layout], Segment] | None = field(default=None, repr=False, compare=False)
+    _held: Callable[[Sequence[Segment]], int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def peak(self) -> int:
-        """Estimated device bytes at the worst moment (largest tile, plus waiting tensors if parked there)."""
+        """Estimated device bytes at the worst moment (largest tile, plus what waits there)."""
         tiles = max(s.peak for s in self.segments)
-        return tiles + (self.cut_bytes if self.park == "device" else 0)
+        return tiles + (self.cut_bytes if self.park == "device" else 0) + (
+            self.cache_bytes if self.cache_at == "device" else 0)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held besides the running tile: tensors between segments and causal caches."""
+        return self.cut_bytes + self.cache_bytes
 
     @property
     def overhead(self) -> float:
@@ -89,7 +105,18 @@ class Plan:
             except ValueError as e:
                 raise InvalidInputError(f"layout for segment {i}: {e}") from e
             segs[i] = self._relayout(seg, layout) if self._relayout else replace(seg, layout=layout)
-        return replace(self, segments=tuple(segs))
+        return replace(self, segments=tuple(segs), cache_bytes=_cache_held(segs, self.chunks))
+
+    def with_window(self, window: int | None) -> Plan:
+        """A copy in which every segment runs ``window`` time chunks (latent frames) at a time, None:
+        the whole clip at once (tile-outer, as before windows); the held bytes are counted again."""
+        if self._held is None:
+            raise InvalidInputError(f"{self.network} does not run in time windows (no time axis, or whole-clip norms)")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise InvalidInputError(f"window must be a positive number of latent frames or None, not {window!r}")
+        segs = tuple(replace(s, window=window) for s in self.segments)
+        return replace(self, segments=segs, window=window, cut_bytes=self._held(segs),
+                       cache_bytes=_cache_held(segs, self.chunks))
 
     def describe(self) -> str:
         """A human-readable table of the plan."""
@@ -98,14 +125,28 @@ class Plan:
             f"tile limit {fmt_bytes(self.tile_limit)}, budget {fmt_bytes(self.budget) if self.budget else 'none'}, "
             f"tensors between segments on {self.park} ({fmt_bytes(self.cut_bytes)}), "
             f"estimated peak {fmt_bytes(self.peak)}, work {self.overhead:.3f}x untiled",
-            f"{'#':>3} {'steps':<34} {'in':>11} {'out':>11} {'tiles':>5} {'halo':>4} {'peak':>9} {'work':>6}",
         ]
+        if self._held is not None:
+            lines.append(
+                f"time windows of {self.window or 'all'} latent frame(s) of {self.chunks}; causal caches "
+                f"{fmt_bytes(self.cache_bytes)} on {self.cache_at}; held {fmt_bytes(self.held_bytes)} "
+                f"(tensors on {self.park}, caches on {self.cache_at})"
+            )
+            whole = [i for i, s in enumerate(self.segments) if s.window is None and not s.is_global]
+            if whole and self.window is not None:
+                lines.append(
+                    f"to fit the budget, segment(s) {', '.join(map(str, whole))} run the whole clip one tile at a "
+                    f"time (one tile's caches alive, wider halo), at {self.overhead:.2f}x the untiled work"
+                )
+        lines.append(f"{'#':>3} {'steps':<34} {'in':>11} {'out':>11} {'tiles':>5} {'halo':>4} {'peak':>9} "
+                     f"{'work':>6} {'window':>6} {'cache':>9}")
         for i, s in enumerate(self.segments):
             names = s.names[0] if len(s.names) == 1 else f"{s.names[0]} .. {s.names[-1]}"
             lines.append(
                 f"{i:>3} {names[:34]:<34} {_wxh(s.size_in):>11} {_wxh(s.size_out):>11} "
                 f"{'all' if s.is_global else len(s.layout):>5} {s.halo:>4} {fmt_bytes(s.peak):>9} "
-                f"{s.work / max(1.0, s.work_untiled):>5.2f}x"
+                f"{s.work / max(1.0, s.work_untiled):>5.2f}x {s.window or 'all':>6} "
+                f"{fmt_bytes(s.cache) if s.window else '1 tile':>9}"
             )
         return "\n".join(lines)
 
@@ -179,7 +220,7 @@ class _Estimator:
         """(peak bytes, multiply-adds, widest halo) of one tile of steps ``start:stop``."""
         steps = self.net.steps[start:stop]
         regions = halo_regions([s.footprint for s in steps], core, self.sizes[start])
-        live, cache, work = 0, 0, 0.0
+        live, work = 0, 0.0
         for k, step in enumerate(steps):
             c_in, c_out = step.channels
             f_in, f_out = self.frames.largest[start + k], self.frames.largest[start + k + 1]
@@ -187,7 +228,6 @@ class _Estimator:
             a_in, a_out = regions[k].area, produced(step.footprint, regions[k]).area
             x_in, x_out = c_in * a_in * (f_in + pad), c_out * a_out * f_out
             live = max(live, x_in + x_out + step.temporaries * max(x_in, x_out))
-            cache += step.cache_slots * c_in * a_in * CACHE_T
             work += step.work * a_out * self.frames.total[start + k + 1]
         first = regions[0]
         ratio_y = self.sizes[start][0] / max(1, self.sizes[stop][0])
@@ -196,7 +236,16 @@ class _Estimator:
             round(core.y[0] * ratio_y) - first.y[0], first.y[1] - round(core.y[1] * ratio_y),
             round(core.x[0] * ratio_x) - first.x[0], first.x[1] - round(core.x[1] * ratio_x), 0,
         )
-        return int((live + cache) * self.batch * self.elem), work * self.batch, halo
+        return int(live * self.batch * self.elem) + self._cache(steps, regions), work * self.batch, halo
+
+    def cache(self, start: int, stop: int, core: Region) -> int:
+        """Bytes of the causal caches one tile of steps ``start:stop`` keeps between time chunks."""
+        steps = self.net.steps[start:stop]
+        return self._cache(steps, halo_regions([s.footprint for s in steps], core, self.sizes[start]))
+
+    def _cache(self, steps: Sequence[Step], regions: Sequence[Region]) -> int:
+        slots = sum(s.cache_slots * s.channels[0] * r.area for s, r in zip(steps, regions))
+        return slots * CACHE_T * self.batch * self.elem
 
     def image_extent(self, start: int, stop: int, core: Region, image: tuple[int, int]) -> tuple[int, int]:
         """Largest height and width of the regions a tile runs on at image resolution (halo included)."""
@@ -204,26 +253,47 @@ class _Estimator:
         at_image = [r for k, r in enumerate(regions) if self.sizes[start + k] == image] or [core]
         return max(r.h for r in at_image), max(r.w for r in at_image)
 
-    def segment(self, start: int, stop: int, layout: Layout, is_global: bool) -> Segment:
+    def segment(self, start: int, stop: int, layout: Layout, is_global: bool, window: int | None = None) -> Segment:
         peaks, works, halos = zip(*(self.tile(start, stop, core) for core in layout))
         untiled = self.tile(start, stop, full(*self.sizes[stop]))[1]
+        cache = sum(self.cache(start, stop, core) for core in layout)
         return Segment(
             start, stop, tuple(s.name for s in self.net.steps[start:stop]), is_global,
             self.sizes[start], self.sizes[stop], layout, max(peaks), sum(works), untiled, max(halos),
+            cache, window,
         )
 
-    def frame_bytes(self, i: int) -> int:
-        """Bytes of the whole tensor at the input of step ``i`` (all frames)."""
+    def frame_bytes(self, i: int, window: int | None = None) -> int:
+        """Bytes of the tensor at the input of step ``i``: all frames, or a window of ``window`` chunks."""
         c = self.net.steps[i].channels[0] if i < len(self.net.steps) else self.net.steps[-1].channels[1]
         h, w = self.sizes[i]
-        return c * h * w * self.frames.total[i] * self.batch * self.elem
+        frames = self.frames.total[i] if window is None else min(self.frames.total[i], window * self.frames.largest[i])
+        return c * h * w * frames * self.batch * self.elem
+
+    def held(self, segments: Sequence[Segment]) -> int:
+        """Largest set of tensors alive between segments: a segment's input and output (a window of
+        them in a windowed pass) and the whole-clip tensors between passes around it (the model's
+        output is not counted; its input only where a pass reads it whole)."""
+        n = len(self.net.steps)
+        passes = _passes_of(segments)
+        worst = 0
+        for k, group in enumerate(passes):
+            w = group[0].window
+            around = 0
+            if w is not None:
+                around += self.frame_bytes(group[0].start) if k > 0 else 0
+                around += self.frame_bytes(group[-1].stop) if k < len(passes) - 1 else 0
+            for seg in group:
+                out = self.frame_bytes(seg.stop, w) if seg.stop < n else 0
+                worst = max(worst, around + self.frame_bytes(seg.start, w) + out)
+        return worst
 
 
 # ---------------------------------------------------------------------------------------- planning
 
 
-def cut_points(net: Network, mode: str) -> list[int]:
-    """Step indices where a segment starts."""
+def cut_points(net: Network, mode: str, resolution: bool = True) -> list[int]:
+    """Step indices where a segment starts (only the forced cuts without ``resolution``)."""
     steps = net.steps
     sizes = sizes_along([s.footprint for s in steps], (1024, 1024))
     cuts = {0}
@@ -232,6 +302,8 @@ def cut_points(net: Network, mode: str) -> list[int]:
             cuts |= {i, i + 1}
         if s.norm is not None and mode == "exact":
             cuts.add(i)
+        if not resolution:
+            continue
         # cut where the tensor is smallest: after a downsampler, before an upsampler; a pure
         # reshape (patchify) changes the resolution but not the size, so it stays inside a segment
         before, after = s.channels[0] * sizes[i][0] * sizes[i][1], s.channels[1] * sizes[i + 1][0] * sizes[i + 1][1]
@@ -245,6 +317,57 @@ def cut_points(net: Network, mode: str) -> list[int]:
     return sorted(c for c in cuts if c < len(steps))
 
 
+class _Span(NamedTuple):
+    """A segment before it has a layout: steps ``start:stop`` and its window."""
+
+    start: int
+    stop: int
+    window: int | None
+
+
+def _passes_of(segments: Sequence) -> list[list]:
+    return [[seg for _, seg in group] for group in passes(segments)]
+
+
+def _cache_held(segments: Sequence[Segment], chunks: int) -> int:
+    """Caches that wait between windows: those of every tile of a segment that runs in several windows
+    (a segment that runs the whole clip at once holds one tile's caches, counted in its tile peak)."""
+    return sum(s.cache for s in segments if s.window is not None and s.window < chunks)
+
+
+def _spans(cuts: Sequence[int], stop: int, window: int | None) -> list[_Span]:
+    bounds = [*cuts, stop]
+    return [_Span(a, b, window) for a, b in zip(bounds, bounds[1:])]
+
+
+def _schedules(net: Network, mode: str, window: int | None) -> list[list[_Span]]:
+    """Candidate schedules of a temporal network, cheapest first.
+
+    First every segment in windows, caches of all tiles kept between windows. Then every segment
+    through the whole clip, tile by tile (what waits between segments grows with the clip, but no
+    caches wait: it fits short clips). Then, trading
+    compute for memory, schedules where the runs of steps between forced cuts (attention, norms)
+    become one segment each that runs the whole clip tile by tile (wider halo, but only one tile's
+    caches alive and nothing waits inside the run); runs not chosen keep their windows.
+    """
+    n = len(net.steps)
+    fine = cut_points(net, mode)
+    forced = cut_points(net, mode, resolution=False)
+    runs = list(zip(forced, [*forced[1:], n]))
+    local = [r for r in runs if not net.steps[r[0]].is_global]
+    out = [_spans(fine, n, window), _spans(fine, n, None)]
+    for k in range(1, len(local) + 1):
+        for whole in itertools.combinations(local, k):
+            spans: list[_Span] = []
+            for a, b in runs:
+                if (a, b) in whole:
+                    spans.append(_Span(a, b, None))
+                else:
+                    spans += _spans([c for c in fine if a <= c < b], b, window)
+            out.append(spans)
+    return out
+
+
 def make_plan(
     net: Network,
     op: str,
@@ -256,67 +379,126 @@ def make_plan(
     dtype: torch.dtype,
     mode: str = "exact",
 ) -> Plan:
-    """Plan ``op`` of an input of ``shape`` (B, C, [T,] H, W) through ``net``."""
+    """Plan ``op`` of an input of ``shape`` (B, C, [T,] H, W) through ``net``.
+
+    A video runs in time windows (one latent frame each while its causal caches stay on the device;
+    sized to the budget when they wait on the host); when the caches of all tiles do not fit the
+    budget, runs of steps go through the whole clip one tile at a time instead (see ``_schedules``).
+    """
     batch, h, w = shape[0], shape[-2], shape[-1]
     frames = _frames(net, shape[2] if net.temporal else 1)
     elem = torch.finfo(dtype).bits // 8
     sizes = sizes_along([s.footprint for s in net.steps], (h, w))
     est = _Estimator(net, frames, sizes, batch, elem)
     image = max(sizes, key=lambda s: s[0] * s[1])
-    bounds = cut_points(net, mode) + [len(net.steps)]
-    spans = list(zip(bounds, bounds[1:]))
+    n_steps = len(net.steps)
+    chunks = len(net.chunks(shape[2])) if net.temporal else 1
+    windowed = net.temporal and (mode == "fast" or all(s.norm is None for s in net.steps))
 
-    cut_bytes = max(
-        est.frame_bytes(a) + (est.frame_bytes(b) if b < len(net.steps) else 0) for a, b in spans
-    )
     probes = {} if tile is None else {
         (a, b): _probe(net, est, a, b, image, tile, frames, batch, elem)
-        for a, b in spans
+        for a, b in zip(cut_points(net, mode), [*cut_points(net, mode)[1:], n_steps])
         if not net.steps[a].is_global and image in (sizes[a], sizes[b])
     }
-    limit = max((peak for _, peak in probes.values()), default=None)
-    if budget is not None or tile is None:
-        total = budget if budget is not None else int(0.9 * available_memory(device))
-        park = "device" if device.type == "cpu" or cut_bytes <= total // 2 else "cpu"
-        room = total - (cut_bytes if park == "device" else 0)
-        limit = room if limit is None else min(limit, room)
-    else:
-        park = "cpu" if device.type == "cuda" else "device"
-    if limit is None or limit <= 0:
-        given = fmt_bytes(budget) if budget is not None else \
-            f"90% of the free memory on {device.type} ({fmt_bytes(int(0.9 * available_memory(device)))})"
-        raise InvalidInputError(
-            f"memory budget too small: {given} leaves no room for tiles once the "
-            f"{fmt_bytes(cut_bytes)} of tensors between segments are held"
-        )
+    tile_limit = max((peak for _, peak in probes.values()), default=None)
+    total = budget if budget is not None else int(0.9 * available_memory(device))
 
-    segments = []
-    for a, b in spans:
-        is_global = net.steps[a].is_global
-        size = sizes[b]
-        if is_global:
-            layout: Layout = (full(*size),)
+    def floor(spans: list[_Span]) -> int:  # caches if every segment were one tile
+        return sum(est.cache(sp.start, sp.stop, full(*sizes[sp.stop])) for sp in spans
+                   if sp.window is not None and sp.window < chunks)
+
+    def placed(spans: list[_Span], cache: int) -> tuple[str, str, int]:
+        """Where tensors between segments and caches wait, and the room left for tiles."""
+        cut = est.held(spans)
+        if budget is None and tile is not None:
+            park = "cpu" if device.type == "cuda" else "device"
         else:
-            align = max(1, net.spatial_factor * size[0] // image[0])
-            cap = probes[(a, b)][0] if (a, b) in probes else None
+            park = "device" if device.type == "cpu" or cut <= total // 2 else "cpu"
+        dev_cut = cut if park == "device" else 0
+        cache_at = "device" if device.type == "cpu" or dev_cut + cache <= total // 2 else "cpu"
+        return park, cache_at, total - dev_cut - (cache if cache_at == "device" else 0)
 
-            def fits(r: Region, a=a, b=b, capped=cap is not None) -> bool:
-                if capped:
-                    eh, ew = est.image_extent(a, b, r, image)
-                    if eh > tile[0] or ew > tile[1]:
-                        return False
-                return est.tile(a, b, r)[0] <= limit
+    def windowed_for(spans: list[_Span]) -> list[_Span]:
+        """Longer windows when the caches wait on the host: they move to and from it less often."""
+        if placed(spans, floor(spans))[1] == "device":
+            return spans
+        size = max(1, min(chunks, MAX_WINDOW, (total // 4) // max(1, est.held(spans))))
+        return [sp._replace(window=size) if sp.window is not None else sp for sp in spans]
 
-            layout = quadtree(*size, fits, align=align, cap=cap)
-        segments.append(est.segment(a, b, layout, is_global))
+    def build(spans: list[_Span]) -> Plan:
+        park, cache_at, room = placed(spans, floor(spans))
+        if budget is None and tile is not None:
+            room = tile_limit
+        cut_bytes = est.held(spans)
+        limit = room if tile_limit is None else min(tile_limit, room)
+        if limit is None or limit <= 0:
+            given = fmt_bytes(budget) if budget is not None else \
+                f"90% of the free memory on {device.type} ({fmt_bytes(total)})"
+            raise InvalidInputError(
+                f"memory budget too small: {given} leaves no room for tiles once the "
+                f"{fmt_bytes(cut_bytes)} of tensors between segments and {fmt_bytes(floor(spans))} of causal "
+                f"caches are held"
+            )
+
+        def lay(limit: int) -> list[Segment]:
+            return [_segment(net, est, sp, sizes, image, tile, probes, limit) for sp in spans]
+
+        segments = lay(limit)
+        for _ in range(3):  # tiles overlap, so their caches exceed the floor: shrink the tiles until all fits
+            cache = _cache_held(segments, chunks)
+            excess = max(s.peak for s in segments) + (cut_bytes if park == "device" else 0) + (
+                cache if cache_at == "device" else 0) - total
+            if cache == 0 or budget is None and tile is not None or excess <= 0 or limit - excess <= 0:
+                break
+            limit -= excess
+            segments = lay(limit)
+        windows = {sp.window for sp in spans if sp.window is not None}
+        return Plan(
+            op, net.name, tuple(shape), out_shape, mode, tuple(segments), int(limit), budget, park, cut_bytes,
+            window=min(windows) if windows else None, cache_bytes=_cache_held(segments, chunks),
+            cache_at=cache_at, chunks=chunks,
+            _relayout=partial(_relayout, model_free), _held=model_free.held if windowed else None,
+        )
 
     out_c = net.steps[-1].channels[1]
     out_shape = (batch, out_c, frames.total[-1], *sizes[-1]) if net.temporal else (batch, out_c, *sizes[-1])
-    model_free = _Estimator(_shapes_only(net), frames, sizes, batch, elem)
-    return Plan(
-        op, net.name, tuple(shape), out_shape, mode, tuple(segments), int(limit), budget, park, cut_bytes,
-        _relayout=partial(_relayout, model_free),
-    )
+    model_free = _Estimator(_shapes_only(net), frames, sizes, batch, elem)  # a plan must not keep the VAE alive
+    if not windowed:
+        return build(_spans(cut_points(net, mode), n_steps, None))
+    smallest: Plan | None = None
+    refusal: InvalidInputError | None = None
+    for spans in _schedules(net, mode, 1):  # the cheapest schedule that fits; else the smallest peak
+        try:
+            plan = build(windowed_for(spans))
+        except InvalidInputError as e:
+            refusal = refusal or e
+            continue
+        if plan.peak <= total:
+            return plan
+        smallest = plan if smallest is None or plan.peak < smallest.peak else smallest
+    if smallest is None:
+        raise refusal
+    return smallest
+
+
+def _segment(net: Network, est: _Estimator, span: _Span, sizes, image, tile, probes, limit: int) -> Segment:
+    """The segment of ``span``, split as a quadtree until every tile fits ``limit`` (and ``tile``)."""
+    a, b = span.start, span.stop
+    is_global = net.steps[a].is_global
+    size = sizes[b]
+    if is_global:
+        return est.segment(a, b, (full(*size),), True, span.window)
+    align = max(1, net.spatial_factor * size[0] // image[0])
+    cap = probes[(a, b)][0] if (a, b) in probes else None
+
+    def fits(r: Region) -> bool:
+        if cap is not None:
+            eh, ew = est.image_extent(a, b, r, image)
+            if eh > tile[0] or ew > tile[1]:
+                return False
+        return est.tile(a, b, r)[0] <= limit
+
+    return est.segment(a, b, quadtree(*size, fits, align=align, cap=cap), False, span.window)
 
 
 def _shapes_only(net: Network) -> Network:
@@ -327,7 +509,7 @@ def _shapes_only(net: Network) -> Network:
 
 
 def _relayout(est: _Estimator, seg: Segment, layout: Layout) -> Segment:
-    return est.segment(seg.start, seg.stop, layout, seg.is_global)
+    return est.segment(seg.start, seg.stop, layout, seg.is_global, seg.window)
 
 
 def _probe(net, est: _Estimator, a: int, b: int, image, tile, frames, batch, elem) -> tuple[tuple[int, int], int]:
