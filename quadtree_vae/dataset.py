@@ -387,7 +387,7 @@ def encode_dataset(
     item is recorded (``status: "failed"``) and the run goes on."""
     started = time.perf_counter()
     info = describe(vae)
-    multiple = info["spatial_factor"] or 8
+    multiple = info["spatial_factor"] or 1
     size_, buckets_ = _check_sizes(size, buckets, fit, multiple)
     Options(tile, budget, mode, frames, fallback)  # checks them once, before any item is read
     _check_tiling(vae, bool(info["temporal_factor"]), tile, budget, mode, fallback)
@@ -522,7 +522,7 @@ class _Job:
         s = self.settings
         target = s.size or (nearest_bucket(*frames.shape[1:3], s.buckets) if s.buckets else None)
         if target is None:
-            return _fit_multiple(frames, s.fit, self.info["spatial_factor"] or 8)
+            return _fit_multiple(frames, s.fit, self.info["spatial_factor"] or 1)
         fitted, scaled, offset = _cover_crop(frames, target)
         geometry: dict[str, Any] = {"resized_to": scaled, "crop_offset": offset}
         if s.buckets:
@@ -534,7 +534,7 @@ class _Job:
         from . import __version__
 
         info, t = self.info, src.count
-        h, w = (z.shape[-2] * (info["spatial_factor"] or 8), z.shape[-1] * (info["spatial_factor"] or 8))
+        h, w = (z.shape[-2] * (info["spatial_factor"] or 1), z.shape[-1] * (info["spatial_factor"] or 1))
         return {
             "version": DATASET_VERSION,
             "quadtree_vae_version": __version__,

@@ -118,7 +118,7 @@ def encode_frames(
     with _upcast(vae) as dtype:
         plan = _stream_plan(vae, net, facts, "encode", shape, opts, dtype, window, same_length=False)
         run = _run(vae, plan, out_device, lambda: None)
-        pixels = _model_chunks(net, _frames_of(facts, first, source), frames, name)
+        pixels = _model_chunks(net, _frames_of(facts, first, source), frames, facts)
         timed = (c.to(dtype) for c in pixels)
         yield from _checked(_no_grad(stream(net, plan.segments, timed, run)), name, "encode", dtype)
 
@@ -156,7 +156,7 @@ def _frames_of(facts: Facts, first: torch.Tensor, rest: Iterator) -> Iterator[to
         yield x
 
 
-def _model_chunks(net: Network, pixels: Iterator[torch.Tensor], frames: str, name: str) -> Iterator[torch.Tensor]:
+def _model_chunks(net: Network, pixels: Iterator[torch.Tensor], frames: str, facts: Facts) -> Iterator[torch.Tensor]:
     """Regroup a stream of chunks of any lengths into the model's time chunks (1 frame, then 4).
 
     A chunk is passed on as soon as all its frames have arrived; the frames left over at the end
@@ -183,7 +183,8 @@ def _model_chunks(net: Network, pixels: Iterator[torch.Tensor], frames: str, nam
         yield torch.cat([*held, last.expand(-1, -1, missing, -1, -1)], dim=2)
         return
     raise InvalidInputError(
-        f"{name} encode_frames: the stream ended after {seen} frames, which is not 1 + 4k; the latents of the "
+        f"{facts.name} encode_frames: the stream ended after {seen} frames, which is not 1 + {facts.temporal_factor}k; "
+        f"the latents of the "
         f"first {seen - extra} frames were yielded and the last {extra} were not encoded. Pass frames='trim' "
         f"to drop them or frames='pad' to repeat the last frame {missing} more time(s)."
     )

@@ -112,14 +112,16 @@ def test_random_layouts(data, op, t, which, wan22, qwen21):
         assert max_diff(qv.decode(model, z, plan=plan), untiled_decode(model, z)) <= TOL
 
 
-def test_small_budget_tiles_several_levels_and_stays_exact(wan22):
+def test_small_budget_tiles_and_stays_exact(wan22):
+    """The planner's own choice under a small budget (encode: several levels tiled; decode: the
+    windowed planner tiles the full-resolution run). Every level tiled is test_random_layouts'."""
     x = video(1, 1, 64, 96)
     plan = qv.plan(wan22, x.shape, budget="300KB")
     assert sum(len(s.layout) > 1 for s in plan.segments) >= 2
     assert max_diff(qv.encode(wan22, x, plan=plan), untiled_encode(wan22, x)) <= TOL
-    z = torch.randn(1, 8, 2, 3, 4, generator=torch.Generator().manual_seed(3))
-    plan = qv.plan(wan22, z.shape, budget="1MB")
-    assert sum(len(s.layout) > 1 for s in plan.segments) >= 2
+    z = torch.randn(1, 8, 2, 6, 8, generator=torch.Generator().manual_seed(3))
+    plan = qv.plan(wan22, z.shape, budget="10MB")
+    assert sum(len(s.layout) > 1 for s in plan.segments) >= 1 and plan.peak <= 10 * 2**20
     assert max_diff(qv.decode(wan22, z, plan=plan), untiled_decode(wan22, z)) <= TOL
 
 
