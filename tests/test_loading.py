@@ -519,14 +519,46 @@ def test_parse_vae_spec(tmp_path):
             parse_vae_spec(bad)
 
 
+def test_load_vae_takes_the_command_lines_random_specs():
+    vae = load_vae("random:sd:tiny:seed=3", dtype="fp16")
+    assert _same_weights(vae, random_vae("sd", seed=3, tiny=True, dtype="fp16"))
+    assert getattr(vae, RANDOM_ATTR) == "random:sd:tiny:seed=3"
+    for bad in ["random", "random:", "random:sd9", "random:sd:huge"]:
+        with pytest.raises(InvalidInputError):
+            load_vae(bad)
+    with pytest.raises(InvalidInputError, match="arch"):
+        load_vae("random:sd:tiny", arch="flux")
+
+
+def test_folder_load_prints_nothing_and_restores_diffusers_logging(tmp_path):
+    # diffusers' handler holds whatever sys.stderr was at its first use, so watch its logger itself
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    random_vae("sd", tiny=True).save_pretrained(tmp_path)
+    records: list[logging.LogRecord] = []
+    watcher = logging.Handler()
+    watcher.emit = records.append
+    root = logging.getLogger("diffusers")
+    root.addHandler(watcher)
+    before = diffusers_logging.get_verbosity()
+    try:
+        load_vae(tmp_path)
+    finally:
+        root.removeHandler(watcher)
+    assert [r.getMessage() for r in records] == []  # e.g. its advice to install accelerate
+    assert diffusers_logging.get_verbosity() == before
+
+
 def test_shipped_full_configs_build_the_released_sizes():
     # built on the meta device: checks the shipped JSON without allocating 100M+ parameters
-    from quadtree_vae import loading
+    from quadtree_vae import archs
 
     sizes = {"wan2.1": 126_892_531, "qwen-image": 126_892_531, "sd": 83_653_863, "flux": 83_819_683}
     for arch, n in sizes.items():
-        config = loading._arch_config(arch)
-        cls = loading._class_for(config["_class_name"], arch)
+        config = archs.arch_config(arch)
+        cls = archs.class_for(config["_class_name"], arch)
         with torch.device("meta"):
-            model = cls(**loading._constructor_kwargs(config))
+            model = cls(**archs.constructor_kwargs(config))
         assert sum(p.numel() for p in model.parameters()) == n, arch
