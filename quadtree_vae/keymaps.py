@@ -9,6 +9,12 @@
 
 Each map renames keys only (the tensors are the same objects) and refuses keys it does not know,
 so that no weight is silently dropped.
+
+The release files hold no config, so the architecture of every original layout (Wan 2.1 / Qwen-Image,
+Wan 2.2, ldm/sgm, Flux.2) is read off the tensor shapes here: widths, depths, latent channels and
+factors, starting from the arch's shipped config (:func:`quadtree_vae.archs.arch_config`). This is
+what lets shrunk test models load, and what diffusers' single-file loader does not do (it takes the
+released config as is).
 """
 
 from __future__ import annotations

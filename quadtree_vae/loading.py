@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import struct
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,7 +77,6 @@ _PREFIX_PREFERENCE = ("", "first_stage_model.", "vae.")
 _WAN_NAMESPACES = ("encoder.", "decoder.", "conv1.", "conv2.")
 _LDM_NAMESPACES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")  # bn: Flux.2
 
-_SAFETENSORS_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
 _TORCH_EXTS = (".pt", ".pth", ".ckpt", ".bin")
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 
@@ -200,67 +198,45 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    # Validate the header ourselves first: safetensors' own errors do not say "truncated".
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise LoadError(f"{path}: truncated safetensors header: the file has only {size} bytes")
-        (n,) = struct.unpack("<Q", head)
-        if n > _SAFETENSORS_MAX_HEADER:
-            raise LoadError(f"{path}: not a safetensors file: its first 8 bytes give a header length of {n} bytes")
-        if 8 + n > size:
-            raise LoadError(
-                f"{path}: truncated safetensors header: it declares {n} header bytes but only {size - 8} follow"
-            )
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoadError(f"{path}: corrupt safetensors header (not JSON: {e})") from e
-    if not isinstance(header, dict):
-        raise LoadError(f"{path}: corrupt safetensors header (not a JSON object)")
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError) as e:
-            raise LoadError(f"{path}: corrupt safetensors header (entry {name!r} has no data_offsets)") from e
-    if 8 + n + end > size:
-        raise LoadError(
-            f"{path}: truncated safetensors file: the header describes {end} bytes of tensor data "
-            f"but only {size - 8 - n} are present"
-        )
+    """safetensors checks the header itself (length, JSON, that the data covers every tensor) before
+    reading any tensor; its messages name what is wrong ("header too large", "incomplete metadata")."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path), device="cpu")
-    except Exception as e:  # safetensors raises its own error types
-        raise LoadError(f"{path}: corrupt safetensors file: {e}") from e
+    except SafetensorError as e:
+        raise LoadError(f"{path}: not a readable safetensors file: {e}") from e
 
 
 def _read_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        blocked = next((ln for ln in lines if "GLOBAL" in ln), None)
-        if blocked is not None:
+        unsafe = _unsafe_globals(path)
+        if unsafe:
             raise LoadError(
-                f"{path}: refused: the pickle holds objects other than tensors and plain containers, which "
-                f"are never unpickled here (weights_only=True). {blocked} Re-save the weights as "
-                f".safetensors from a trusted environment."
+                f"{path}: refused: the pickle holds objects other than tensors and plain containers "
+                f"({', '.join(unsafe[:5])}), which are never unpickled here (weights_only=True). "
+                f"Re-save the weights as .safetensors from a trusted environment."
             ) from e
-        # Not a blocked class: the bytes are not a valid pickle. torch's own text is a long preamble;
-        # keep the line after "WeightsUnpickler error" when there is one.
-        marker = next((i for i, ln in enumerate(lines) if "WeightsUnpickler error" in ln), None)
-        detail = lines[marker + 1] if marker is not None and marker + 1 < len(lines) else (lines or [""])[0]
-        raise LoadError(f"{path}: not a readable PyTorch checkpoint (corrupt pickle: {detail})") from e
+        # torch raises its advice about weights_only=False from inside the unpickler's own error.
+        inner = e.__context__ if isinstance(e.__context__, pickle.UnpicklingError) else e
+        raise LoadError(f"{path}: not a readable PyTorch checkpoint (corrupt pickle: {inner})") from e
     except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise LoadError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from e
+        first_line = next(iter(str(e).strip().splitlines()), "")  # torch appends paragraphs of advice
+        raise LoadError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first_line})") from e
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The classes and functions a checkpoint's pickle names beyond what weights_only allows,
+    found by reading the opcodes, never by unpickling; [] when the file is not a torch.save zip."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    try:
+        return list(get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # a corrupt or legacy file: the caller reports the load error itself
+        return []
 
 
 def _tensors_only(obj: Any, source: str) -> dict[str, torch.Tensor]:
