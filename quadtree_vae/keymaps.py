@@ -9,6 +9,12 @@
 
 Each map renames keys only (the tensors are the same objects) and refuses keys it does not know,
 so that no weight is silently dropped.
+
+The release files hold no config, so the architecture of every original layout (Wan 2.1 / Qwen-Image,
+Wan 2.2, ldm/sgm, Flux.2) is read off the tensor shapes here: widths, depths, latent channels and
+factors, starting from the arch's shipped config (:func:`quadtree_vae.archs.arch_config`). This is
+what lets shrunk test models load, and what diffusers' single-file loader does not do (it takes the
+released config as is).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import archs
 from .errors import LoadError
 
 WAN22_NESTED = re.compile(r"^(encoder\.downsamples\.\d+\.downsamples\.|decoder\.upsamples\.\d+\.upsamples\.)")
@@ -57,7 +64,7 @@ def _block_part(rest: str) -> str:
     if m and m.group(1) in _RESIDUAL:
         return f"{_RESIDUAL[m.group(1)]}.{m.group(2)}"
     if rest.startswith("shortcut."):
-        return "conv_shortcut." + rest[len("shortcut."):]
+        return "conv_shortcut." + rest[len("shortcut.") :]
     raise KeyError(rest)
 
 
@@ -80,18 +87,24 @@ def wan22_to_diffusers(sd: Mapping[str, torch.Tensor], source: str = "state dict
     """Rename original Wan 2.2 keys to ``AutoencoderKLWan(is_residual=True)`` keys; unknown keys are an error."""
     out: dict[str, torch.Tensor] = {}
     unknown = []
-    resamplers = {side: {lvl: max(b for b, kinds in blocks.items() if _is_resampler(kinds))
-                         for lvl, blocks in _level_blocks(sd, side).items()
-                         if any(_is_resampler(kinds) for kinds in blocks.values())}
-                  for side in ("encoder", "decoder")}
+    resamplers = {
+        side: {
+            lvl: max(b for b, kinds in blocks.items() if _is_resampler(kinds))
+            for lvl, blocks in _level_blocks(sd, side).items()
+            if any(_is_resampler(kinds) for kinds in blocks.values())
+        }
+        for side in ("encoder", "decoder")
+    }
     for key, value in sd.items():
         try:
             out[_wan22_key(key, resamplers)] = value
         except KeyError:
             unknown.append(key)
     if unknown:
-        raise LoadError(f"{source}: Wan 2.2 keys with no place in diffusers' AutoencoderKLWan: {', '.join(unknown[:5])}"
-                        + (f" ... ({len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+        raise LoadError(
+            f"{source}: Wan 2.2 keys with no place in diffusers' AutoencoderKLWan: {', '.join(unknown[:5])}"
+            + (f" ... ({len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        )
     return out
 
 
@@ -107,7 +120,7 @@ def _wan22_key(key: str, resamplers: Mapping[str, Mapping[int, int]]) -> str:
         return f"{base}.resnets.{block}.{_block_part(rest)}"
     for old, new in _TOP.items():
         if key.startswith(old):
-            rest = key[len(old):]
+            rest = key[len(old) :]
             return new + (_block_part(rest) if ".resnets." in new else rest)
     raise KeyError(key)
 
@@ -185,7 +198,7 @@ def flux2_to_ldm(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
             continue
         for old, new in _FLUX2_MOVED.items():
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         ldm[key] = value
     if bn and "bn.num_batches_tracked" not in bn:  # a counter for training; eval outputs never read it
@@ -202,3 +215,151 @@ def flux2_config(bn: Mapping[str, torch.Tensor], latent_channels: int, source: s
     if patch * patch * latent_channels != folded:
         raise LoadError(f"{source}: bn over {folded} channels is not {latent_channels} latent channels x patch^2")
     return {"patch_size": [patch, patch]}
+
+
+# --------------------------------------------------------------------------------------------------
+# architectures read off the weights of the original layouts
+# --------------------------------------------------------------------------------------------------
+
+
+def _need(sd: Mapping[str, torch.Tensor], key: str, source: str, what: str) -> torch.Tensor:
+    if key not in sd:
+        raise LoadError(f"{source}: {what} weights lack {key!r}, which is needed to infer the architecture")
+    return sd[key]
+
+
+def wan21_config(sd: Mapping[str, torch.Tensor], arch: str, source: str) -> dict[str, Any]:
+    what = "Wan-layout"
+    conv_in = _need(sd, "encoder.conv1.weight", source, what)
+    head = _need(sd, "encoder.head.2.weight", source, what)
+    dec_head = _need(sd, "decoder.head.2.weight", source, what)
+    base_dim, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
+    z_dim = int(head.shape[0]) // 2
+    out_channels, dec_width = int(dec_head.shape[0]), int(dec_head.shape[1])
+
+    # Walk encoder.downsamples.<i>: residual blocks, closed by a resample (with time_conv when the
+    # level also halves time). This gives dim_mult, num_res_blocks and temperal_downsample.
+    kinds: dict[int, set[str]] = {}
+    for k in sd:
+        m = re.match(r"encoder\.downsamples\.(\d+)\.([A-Za-z_]+)", k)
+        if m:
+            kinds.setdefault(int(m.group(1)), set()).add(m.group(2))
+    levels: list[tuple[int, int]] = []  # (residual blocks, width) per level
+    temporal: list[bool] = []
+    count, width = 0, base_dim
+    for i in sorted(kinds):
+        ks = kinds[i]
+        if "residual" in ks:
+            count += 1
+            width = int(_need(sd, f"encoder.downsamples.{i}.residual.6.weight", source, what).shape[0])
+        elif "resample" in ks:
+            levels.append((count, width))
+            temporal.append("time_conv" in ks)
+            count = 0
+        else:
+            raise LoadError(
+                f"{source}: Wan-layout VAE with attention inside the encoder's down blocks "
+                f"(encoder.downsamples.{i}); diffusers' Wan VAE does not support attn_scales"
+            )
+    if count:
+        levels.append((count, width))
+    if not levels:
+        raise LoadError(f"{source}: Wan-layout weights have no encoder.downsamples.* blocks")
+    blocks = {c for c, _ in levels}
+    if any(w % base_dim for _, w in levels) or len(blocks) != 1:
+        raise LoadError(f"{source}: inconsistent Wan encoder levels {levels} (base width {base_dim})")
+    num_res_blocks = blocks.pop()
+    dim_mult = [w // base_dim for _, w in levels]
+    if len(levels) != 4 or num_res_blocks != 2:
+        raise LoadError(
+            f"{source}: Wan-layout VAE with {len(levels)} levels of {num_res_blocks} residual blocks; diffusers' "
+            f"convert_wan_vae_to_diffusers maps only the released layout (4 levels of 2 blocks)"
+        )
+    decoder_base_dim = dec_width // dim_mult[0]
+
+    config = archs.arch_config(arch)
+    update: dict[str, Any] = {
+        "base_dim": base_dim,
+        "z_dim": z_dim,
+        "dim_mult": dim_mult,
+        "num_res_blocks": num_res_blocks,
+        "temperal_downsample": temporal,
+    }
+    if arch == "qwen-image":
+        if out_channels != in_channels or decoder_base_dim != base_dim:
+            raise LoadError(
+                f"{source}: AutoencoderKLQwenImage needs equal in/out channels and encoder/decoder widths; "
+                f"this file has {in_channels}->{out_channels} channels, widths {base_dim}/{decoder_base_dim}"
+            )
+        update["input_channels"] = in_channels
+    else:
+        update.update(
+            decoder_base_dim=None if decoder_base_dim == base_dim else decoder_base_dim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            scale_factor_temporal=2 ** sum(temporal),
+            scale_factor_spatial=2 ** len(temporal),
+        )
+    if len(config.get("latents_mean") or []) != z_dim:
+        # The shipped statistics belong to the 16-channel release; a different width has none.
+        update["latents_mean"] = [0.0] * z_dim
+        update["latents_std"] = [1.0] * z_dim
+    config.update(update)
+    return config
+
+
+def wan22_full_config(sd: Mapping[str, torch.Tensor], source: str) -> dict[str, Any]:
+    """The released Wan 2.2 config with the widths, depths and factors read off the weights."""
+    config = archs.arch_config("wan2.2")
+    config.update(wan22_config(sd, source))
+    if len(config["latents_mean"]) != config["z_dim"]:  # the shipped statistics belong to z_dim 48
+        config["latents_mean"] = [0.0] * config["z_dim"]
+        config["latents_std"] = [1.0] * config["z_dim"]
+    return config
+
+
+def _norm_groups(channels: list[int]) -> int:
+    """ldm's Normalize always uses 32 groups; narrower test models fall back to the largest
+    power-of-two divisor of 32 that divides every width (the files do not record the count)."""
+    groups = 32
+    while groups > 1 and any(c % groups for c in channels):
+        groups //= 2
+    return groups
+
+
+def ldm_config(sd: Mapping[str, torch.Tensor], arch: str, source: str) -> dict[str, Any]:
+    what = "ldm-layout"
+    enc_in = _need(sd, "encoder.conv_in.weight", source, what)
+    dec_in = _need(sd, "decoder.conv_in.weight", source, what)
+    dec_out = _need(sd, "decoder.conv_out.weight", source, what)
+    down = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+    up = sorted({int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up\.(\d+)\.", k))})
+    if not down or down != list(range(len(down))) or up != down:
+        raise LoadError(
+            f"{source}: ldm-layout weights have inconsistent block indices (encoder.down {down}, decoder.up {up})"
+        )
+    attn = [k for k in sd if re.match(r"(encoder\.down|decoder\.up)\.\d+\.attn\.", k)]
+    if attn:
+        raise LoadError(
+            f"{source}: ldm-layout VAE with attention in its down/up blocks (e.g. {attn[0]!r}); "
+            f"diffusers' AutoencoderKL has none there"
+        )
+    block_out = [int(_need(sd, f"encoder.down.{i}.block.0.conv2.weight", source, what).shape[0]) for i in down]
+    # Count complete blocks (those with a conv1), so one stray key cannot change the depth.
+    layers = len({m.group(1) for k in sd if (m := re.fullmatch(r"encoder\.down\.0\.block\.(\d+)\.conv1\.weight", k))})
+    n = len(block_out)
+    config = archs.arch_config(arch)
+    config.update(
+        in_channels=int(enc_in.shape[1]),
+        out_channels=int(dec_out.shape[0]),
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=block_out,
+        layers_per_block=layers,
+        latent_channels=int(dec_in.shape[1]),
+        norm_num_groups=_norm_groups(block_out),
+        use_quant_conv="quant_conv.weight" in sd,
+        use_post_quant_conv="post_quant_conv.weight" in sd,
+        mid_block_add_attention=any(k.startswith(("encoder.mid.attn_1.", "decoder.mid.attn_1.")) for k in sd),
+    )
+    return config

@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -276,23 +277,24 @@ def test_random_bytes_safetensors(tmp_path):
     path.write_bytes(
         torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy().tobytes()
     )
-    with pytest.raises(LoadError, match="noise.safetensors.*not a safetensors file"):
+    with pytest.raises(LoadError, match="noise.safetensors.*not a readable safetensors file") as err:
         load_vae(path)
+    assert type(err.value.__cause__).__name__ == "SafetensorError"  # safetensors' own check, kept as cause
 
 
 def test_truncated_safetensors(tmp_path):
     data = (WAN / "model.safetensors").read_bytes()
     body = tmp_path / "cut.safetensors"
     body.write_bytes(data[: len(data) // 2])
-    with pytest.raises(LoadError, match="cut.safetensors.*truncated safetensors file"):
+    with pytest.raises(LoadError, match="cut.safetensors.*not a readable safetensors file"):
         load_vae(body)
     head = tmp_path / "head.safetensors"
     head.write_bytes(data[:100])
-    with pytest.raises(LoadError, match="head.safetensors.*truncated safetensors header"):
+    with pytest.raises(LoadError, match="head.safetensors.*not a readable safetensors file"):
         load_vae(head)
     tiny = tmp_path / "tiny.safetensors"
     tiny.write_bytes(data[:5])
-    with pytest.raises(LoadError, match="tiny.safetensors.*truncated"):
+    with pytest.raises(LoadError, match="tiny.safetensors.*not a readable safetensors file"):
         load_vae(tiny)
 
 
@@ -328,8 +330,9 @@ def test_pickled_object_is_refused_without_running_it(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"decoder.middle.0.residual.0.gamma": torch.ones(1), "x": _Payload(marker)}, path)
     assert not marker.exists()
-    with pytest.raises(LoadError, match="evil.pth.*refused"):
+    with pytest.raises(LoadError, match=r"evil.pth.*refused.*\((builtins|io)\.open\)") as err:
         load_vae(path)
+    assert isinstance(err.value.__cause__, pickle.UnpicklingError)
     assert not marker.exists()
 
 
@@ -519,14 +522,46 @@ def test_parse_vae_spec(tmp_path):
             parse_vae_spec(bad)
 
 
+def test_load_vae_takes_the_command_lines_random_specs():
+    vae = load_vae("random:sd:tiny:seed=3", dtype="fp16")
+    assert _same_weights(vae, random_vae("sd", seed=3, tiny=True, dtype="fp16"))
+    assert getattr(vae, RANDOM_ATTR) == "random:sd:tiny:seed=3"
+    for bad in ["random", "random:", "random:sd9", "random:sd:huge"]:
+        with pytest.raises(InvalidInputError):
+            load_vae(bad)
+    with pytest.raises(InvalidInputError, match="arch"):
+        load_vae("random:sd:tiny", arch="flux")
+
+
+def test_folder_load_prints_nothing_and_restores_diffusers_logging(tmp_path):
+    # diffusers' handler holds whatever sys.stderr was at its first use, so watch its logger itself
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    random_vae("sd", tiny=True).save_pretrained(tmp_path)
+    records: list[logging.LogRecord] = []
+    watcher = logging.Handler()
+    watcher.emit = records.append
+    root = logging.getLogger("diffusers")
+    root.addHandler(watcher)
+    before = diffusers_logging.get_verbosity()
+    try:
+        load_vae(tmp_path)
+    finally:
+        root.removeHandler(watcher)
+    assert [r.getMessage() for r in records] == []  # e.g. its advice to install accelerate
+    assert diffusers_logging.get_verbosity() == before
+
+
 def test_shipped_full_configs_build_the_released_sizes():
     # built on the meta device: checks the shipped JSON without allocating 100M+ parameters
-    from quadtree_vae import loading
+    from quadtree_vae import archs
 
     sizes = {"wan2.1": 126_892_531, "qwen-image": 126_892_531, "sd": 83_653_863, "flux": 83_819_683}
     for arch, n in sizes.items():
-        config = loading._arch_config(arch)
-        cls = loading._class_for(config["_class_name"], arch)
+        config = archs.arch_config(arch)
+        cls = archs.class_for(config["_class_name"], arch)
         with torch.device("meta"):
-            model = cls(**loading._constructor_kwargs(config))
+            model = cls(**archs.constructor_kwargs(config))
         assert sum(p.numel() for p in model.parameters()) == n, arch
