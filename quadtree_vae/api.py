@@ -23,7 +23,7 @@ from .errors import InvalidInputError, NonFiniteOutputError, UnsupportedArchitec
 from .fitting import fit_frames, frames_to_add
 from .norm import Moments
 from .options import Options, Progress, parse_device, parse_shape
-from .planner import Plan, make_plan
+from .planner import Plan, fmt_bytes, make_plan
 
 OPS = ("encode", "decode")
 
@@ -190,6 +190,28 @@ def _check_tensor(facts: Facts, op: str, x: object) -> tuple[int, ...]:
     return shape5
 
 
+def check_budget(plan_: Plan) -> None:
+    """Refuse to run a plan whose estimated peak exceeds its budget, saying why it cannot be met.
+
+    :func:`run_tiled` and the command line call this before any work on the plans they make.
+    :func:`plan` still returns such a plan, for inspection (its ``describe()`` says it exceeds the
+    budget); one passed back with ``plan=`` runs as the caller chose, with a warning.
+    """
+    if plan_.budget is None or plan_.peak <= plan_.budget:
+        return
+    i, seg = max(enumerate(plan_.segments), key=lambda pair: pair[1].peak)
+    names = seg.names[0] if len(seg.names) == 1 else f"{seg.names[0]} .. {seg.names[-1]}"
+    what = (f"segment {i} ({names}) needs the whole frame at once ({fmt_bytes(seg.peak)})" if seg.is_global else
+            f"the smallest tiles of segment {i} ({names}) need {fmt_bytes(seg.peak)}")
+    held = (f", on top of the {fmt_bytes(plan_.cut_bytes)} of tensors held between segments on the device"
+            if plan_.park == "device" else "")
+    raise InvalidInputError(
+        f"the memory budget {fmt_bytes(plan_.budget)} cannot be met for {plan_.op} of {plan_.in_shape}: {what}{held}, "
+        f"an estimated peak of {fmt_bytes(plan_.peak)}. Raise the budget to at least {fmt_bytes(plan_.peak)} "
+        "or give a smaller input"
+    )
+
+
 def _device(vae: nn.Module) -> torch.device:
     p = next(vae.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -271,6 +293,10 @@ def run_tiled(op: str, vae: nn.Module, x: torch.Tensor, opts: Options, moments: 
         net = _network(family, vae, op, opts.mode, moments)
         if plan_ is None:
             plan_ = _plan(net, facts, op, tuple(x.shape), opts, device, dtype)
+            check_budget(plan_)
+        elif plan_.budget and plan_.peak > plan_.budget:
+            warnings.warn(f"the plan's estimated peak {fmt_bytes(plan_.peak)} exceeds its budget "
+                          f"{fmt_bytes(plan_.budget)}; running it as given", stacklevel=3)
         if opts.group is not None:  # distributed: one plan for all ranks, split so each has tiles
             plan_ = distributed.agree(plan_, opts.group)
         fixed = _fast_stats(vae, net, op, x.to(dtype), plan_) if opts.mode == "fast" else {}

@@ -24,10 +24,10 @@ import torch
 
 from . import __version__, adapters, api, dataset, demo, latents, media
 from .console import RANDOM_NOTE, Console, TileBar, progress_enabled
-from .errors import InvalidInputError, QuadtreeVAEError, UnsupportedArchitectureError
+from .errors import InvalidInputError, QuadtreeVAEError
 from .fitting import FITS, fit_pixels, fitted_size, frames_to_add
 from .metrics import psnr, ssim
-from .options import FALLBACKS, FRAMES, MODES, Options
+from .options import FRAMES, MODES, Options, parse_device
 from .planner import available_memory, fmt_bytes
 
 DEFAULT_VAE = "random:wan2.1"
@@ -110,8 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
     g.add_argument("--mode", choices=MODES, default="exact",
                    help="exact: equal to the untiled model; fast: GroupNorm statistics estimated once")
-    g.add_argument("--fallback", choices=FALLBACKS, default="error",
-                   help="for a model the engine cannot tile: refuse (default) or run it untiled")
     o = common.add_argument_group("output")
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notes (warnings still show)")
@@ -187,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     dataset.add_parser(sub, parents=[common, fit])
+    # No --fallback: the loaders build only the classes the engine tiles (a diffusers folder of any
+    # other class is refused, naming it), so running a model untiled could never apply here. The
+    # Python API, qv.enable and the ComfyUI nodes keep fallback="full" for model objects of any class.
+    parser.set_defaults(fallback="error")
     return parser
 
 
@@ -265,8 +267,10 @@ def _vae_line(info: dict) -> str:
 
 
 def _options(args) -> Options:
-    """The tiling flags as :class:`Options` (checked here, before anything is read or loaded)."""
-    return Options(args.tile, args.budget, args.mode, fallback=args.fallback, output_device="cpu")
+    """The tiling flags as :class:`Options`, and the device (checked here, before anything is read or loaded)."""
+    if args.device is not None:
+        parse_device(args.device)
+    return Options(args.tile, args.budget, args.mode, output_device="cpu")
 
 
 def _run_items(op: str, vae, x: torch.Tensor, args, plan=None) -> torch.Tensor:
@@ -284,15 +288,10 @@ def _run_items(op: str, vae, x: torch.Tensor, args, plan=None) -> torch.Tensor:
 
 
 def _plan_for(vae, op: str, shape: Sequence[int], args):
-    """One item's plan (checks tile/budget/mode/shape), or None where the model cannot be tiled and
-    ``--fallback full`` lets it run untiled."""
-    item = (1, *tuple(shape)[1:])
-    try:
-        return api.plan_for(vae, item, _options(args), op=op)
-    except UnsupportedArchitectureError:
-        if args.fallback == "full":
-            return None
-        raise
+    """One item's plan, checked (tile/budget/mode/shape, and that its estimated peak fits the budget)."""
+    plan = api.plan_for(vae, (1, *tuple(shape)[1:]), _options(args), op=op)
+    api.check_budget(plan)
+    return plan
 
 
 def _say_random(info: dict, out: Console) -> None:
@@ -313,29 +312,39 @@ def _load_source(args, out: Console, command: str):
         raise InvalidInputError(f"{src_path} is a latent file; {command} takes an image or a video "
                                 "(use 'qvae decode' for latents)")
     _options(args)
-    src = media.read_media(src_path)
+    src = media.read_media(src_path, deep=True)  # 16-bit greyscale keeps its 16 bits into the model
     vae, info = _load(args, out)
     x, meta, shown = latents.model_input(src, args, info, src_path.name, out)
     return src_path, src, vae, info, x, meta, shown
 
 
 def cmd_encode(args, out: Console) -> int:
-    dest = media.check_output(args.output, args.force, (media.LATENT_EXT,))
+    dest = media.check_output(args.output, args.force, (media.LATENT_EXT,), inputs=(args.input,))
     src_path, src, vae, info, x, meta, _ = _load_source(args, out, "encode")
     plan = _plan_for(vae, "encode", x.shape, args)  # validates tile/budget/shape before the heavy work
     t0 = time.perf_counter()
     z = _run_items("encode", vae, x, args, plan)
     meta = {**latents.metadata(info, z, args, src_path), **meta}
     media.save_latent(dest, z, meta, force=args.force)
-    what = f"{meta['frames']} frames" if src.is_video else "image"
+    what = _encoded_frames(meta) if src.is_video else "image"
     out.note(f"wrote {dest}: latent {tuple(z.shape)} {meta['dtype']} from {what} {src.size[0]}x{src.size[1]}"
              + (f" at {meta['fps']} fps" if "fps" in meta else "") + f" [{time.perf_counter() - t0:.1f} s]")
     _say_random(info, out)
     return 0
 
 
+def _encoded_frames(meta: dict) -> str:
+    """The frames an encode took, as the metadata records them: "5 frames (the first 5 of 6)"."""
+    source, encoded = meta["frames"], meta["frames_encoded"]
+    if meta.get("frames_trimmed"):
+        return f"{_plural(encoded, 'frame')} (the first {encoded} of {source})"
+    if meta.get("frames_padded"):
+        return f"{_plural(source, 'frame')} (padded to {encoded})"
+    return _plural(encoded, "frame")
+
+
 def cmd_decode(args, out: Console) -> int:
-    dest = media.check_output(args.output, args.force, media.IMAGE_WRITE + media.VIDEO_WRITE)
+    dest = media.check_output(args.output, args.force, media.IMAGE_WRITE + media.VIDEO_WRITE, inputs=(args.latents,))
     src = media.check_input(args.latents)
     if media.kind_of(src) != "latent":
         raise InvalidInputError(f"{src}: decode takes a latent file ({media.LATENT_EXT}); to encode and decode an "
@@ -374,13 +383,14 @@ def _describe_frames(frames: np.ndarray, fps: Fraction | None) -> str:
 
 
 def cmd_roundtrip(args, out: Console) -> int:
-    dest = media.check_output(args.output, args.force, media.IMAGE_WRITE + media.VIDEO_WRITE)
+    dest = media.check_output(args.output, args.force, media.IMAGE_WRITE + media.VIDEO_WRITE, inputs=(args.input,))
     src_path, src, vae, info, x, meta, shown = _load_source(args, out, "roundtrip")
     if shown.shape[0] > 1 and dest.suffix.lower() in media.IMAGE_WRITE:
         raise InvalidInputError(f"{src_path.name} has {shown.shape[0]} frames, which do not fit in {dest.suffix}; "
                                 f"write a video ({', '.join(media.VIDEO_WRITE)})")
+    media.check_frame_size(dest, *shown.shape[1:3])  # the output has the input's size (--fit pad is undone)
     enc_plan = _plan_for(vae, "encode", x.shape, args)  # both plans are checked before the heavy work
-    dec_plan = _plan_for(vae, "decode", enc_plan.out_shape, args) if enc_plan is not None else None
+    dec_plan = _plan_for(vae, "decode", enc_plan.out_shape, args)
     t0 = time.perf_counter()
     z = _run_items("encode", vae, x, args, enc_plan)
     t1 = time.perf_counter()
@@ -402,7 +412,8 @@ def cmd_roundtrip(args, out: Console) -> int:
 
 
 def cmd_inspect(args, out: Console) -> int:
-    plot = media.check_output(args.plot, args.force, (".png",)) if args.plot else None
+    inputs = (args.input,) if args.input else ()
+    plot = media.check_output(args.plot, args.force, (".png",), inputs) if args.plot else None
     picture = None
     latent_shape = None
     size, frames = args.size, args.frames
@@ -474,6 +485,10 @@ def cmd_inspect(args, out: Console) -> int:
         out.result(f"{name}: {p.tiles} tiles in {len(p.segments)} segments, widest halo {halo} px, "
                    f"estimated peak {fmt_bytes(p.peak)}, work {p.overhead:.3f}x untiled")
         out.result(p.describe())
+        try:
+            api.check_budget(p)
+        except InvalidInputError as e:
+            out.warn(f"{e}; {name} would refuse to run this plan")
     if plot is not None:
         from .plot import draw_layout, image_segment
 
@@ -500,7 +515,8 @@ def cmd_demo(args, out: Console) -> int:
     folder = Path(args.out)
     if folder.exists() and not folder.is_dir():
         raise InvalidInputError(f"--out {folder} is a file, not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():  # as every other command: a missing folder is refused, not made
+        raise InvalidInputError(f"--out {folder}: the folder does not exist")
     layout_path = media.check_output(folder / demo.LAYOUT_FILE, args.force, (".png",))
     _options(args)
     cuda = str(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")

@@ -89,13 +89,19 @@ def run(args, out, vae: nn.Module, info: dict, layout_path: Path, cuda: bool, th
                f"{device}" + ("" if cuda else f", {threads} thread(s)") + f", mode {args.mode}")
     if info["random"]:
         out.result(RANDOM_NOTE)
+    plans = []
+    for _, _, x, tile in cases:  # every plan is made and checked before the first run
+        tile_arg = tile if budget is None or args.tile is not None else None
+        z_plan = api.plan(vae, x.shape, tile_arg, budget, args.mode, op="encode")
+        y_plan = api.plan(vae, z_plan.out_shape, tile_arg, budget, args.mode, op="decode")
+        api.check_budget(z_plan)
+        api.check_budget(y_plan)
+        plans.append((tile_arg, z_plan, y_plan))
     rows = []
     layout_plan = None
     started = time.perf_counter()
-    for name, dims, x, tile in cases:
+    for (name, dims, x, _), (tile_arg, z_plan, y_plan) in zip(cases, plans):
         x = x.to(device=device, dtype=dtype)
-        tile_arg = tile if budget is None or args.tile is not None else None
-        z_plan = api.plan(vae, x.shape, tile_arg, budget, args.mode, op="encode")
 
         def run(label, fn, *fargs, _name=name, _dims=dims):
             out.note_start(f"  {_name} {_dims} {label} ...")
@@ -108,7 +114,6 @@ def run(args, out, vae: nn.Module, info: dict, layout_path: Path, cuda: bool, th
                          args.mode)
         rows.append((name, dims, "encode", tile_arg, z_plan.tiles, _maxdiff(zt, zu), tu, tt, pu, pt))
         zin = zu.to(device=device, dtype=dtype)
-        y_plan = api.plan(vae, zin.shape, tile_arg, budget, args.mode, op="decode")
         if layout_plan is None:
             layout_plan = y_plan
         yu, tu, pu = run("decode untiled", untiled_decode, vae, zin)

@@ -20,7 +20,8 @@ VERSION = "1"
 def model_input(src: media.Media, args, info: dict, what: str, out: Console):
     """Fit the pixels for the model: returns (x, meta, shown) where ``x`` is the model input
     (B, 3, [T,] H, W) in [-1, 1] on CPU, ``meta`` the latent metadata about the input and ``shown``
-    the (T, H, W, 3) uint8 frames a decode of ``x`` should reproduce (after fit/trim, without padding)."""
+    the (T, H, W, 3) uint8 frames a decode of ``x`` should reproduce (after fit/trim, without padding).
+    16-bit pixels go into ``x`` with all their bits; ``shown`` is rounded to 8 bits, as decode writes."""
     facts = info["facts"]
     frames = src.frames
     t, h, w = frames.shape[:3]
@@ -60,7 +61,7 @@ def model_input(src: media.Media, args, info: dict, what: str, out: Console):
         x = media.to_tensor(frames)  # (T, 3, H, W): a batch of images
     for n_ in notes:
         out.note(n_)
-    return x, meta, shown
+    return x, meta, media.to_8bit(shown)
 
 
 def metadata(info: dict, z: torch.Tensor, args, source: Path) -> dict:
@@ -97,12 +98,19 @@ def restore(frames: np.ndarray, meta: dict, out: Console) -> np.ndarray:
     if padded and frames.shape[0] > padded:
         frames = frames[:-padded]
         out.note(f"dropped the {padded} padding frame(s) added by --frames pad ({frames.shape[0]} frames)")
-    if media.meta_value(meta, "fit") == "pad":
-        size = media.meta_value(meta, "source_size")
-        if isinstance(size, list) and len(size) == 2 and size[0] <= frames.shape[1] and size[1] <= frames.shape[2]:
-            frames = frames[:, : size[0], : size[1]]
-            out.note(f"cropped the --fit pad border off: {size[0]}x{size[1]}")
+    size = _unpadded(meta, *frames.shape[1:3])
+    if size is not None:
+        frames = frames[:, : size[0], : size[1]]
+        out.note(f"cropped the --fit pad border off: {size[0]}x{size[1]}")
     return frames
+
+
+def _unpadded(meta: dict, h: int, w: int) -> tuple[int, int] | None:
+    """The source size to crop ``h`` x ``w`` frames back to when encode padded them (--fit pad)."""
+    size = media.meta_value(meta, "source_size")
+    if media.meta_value(meta, "fit") != "pad" or not (isinstance(size, list) and len(size) == 2):
+        return None
+    return (size[0], size[1]) if size[0] <= h and size[1] <= w else None
 
 
 def check_decodable(z: torch.Tensor, meta: dict, info: dict, src: Path, dest: Path, out: Console) -> int:
@@ -148,4 +156,11 @@ def check_decodable(z: torch.Tensor, meta: dict, info: dict, src: Path, dest: Pa
             f"{src.name} decodes to {count} frames, which do not fit in {dest.suffix}; write a video "
             f"({', '.join(media.VIDEO_WRITE)})"
         )
+    media.check_frame_size(dest, *output_size(z, meta, info["facts"].spatial_factor))
     return count
+
+
+def output_size(z: torch.Tensor, meta: dict, factor: int) -> tuple[int, int]:
+    """(height, width) of the frames a decode of ``z`` writes: the model's, less a --fit pad border."""
+    h, w = z.shape[-2] * factor, z.shape[-1] * factor
+    return _unpadded(meta, h, w) or (h, w)

@@ -1,7 +1,8 @@
 """Reading images, videos and latent files, and writing them atomically.
 
-Pixels travel as ``uint8`` arrays of shape (T, H, W, 3) (an image is one frame); the model side
-works on float tensors in [-1, 1]. Images go through Pillow, videos through PyAV (FFmpeg), latents
+Pixels travel as ``uint8`` arrays of shape (T, H, W, 3) (an image is one frame), or ``uint16``
+for a 16-bit greyscale image read with ``deep=True``; the model side works on float tensors in
+[-1, 1], scaled by the array's own range. Images go through Pillow, videos through PyAV (FFmpeg), latents
 through safetensors with string metadata.
 
 Every write goes to a temporary file in the destination's folder and is moved into place with
@@ -78,10 +79,16 @@ def kind_of(path: str | os.PathLike[str]) -> str:
     )
 
 
-def check_output(path: str | os.PathLike[str], force: bool, allowed: tuple[str, ...]) -> Path:
-    """Validate an output path before any heavy work: known extension, existing folder, and no
-    existing file unless ``force``. Returns the path."""
+def check_output(path: str | os.PathLike[str], force: bool, allowed: tuple[str, ...],
+                 inputs: tuple[str | os.PathLike[str], ...] = ()) -> Path:
+    """Validate an output path before any heavy work: known extension, existing folder, a file
+    other than any of ``inputs`` (whatever ``force`` says), and no existing file unless ``force``.
+    Returns the path."""
     p = Path(path)
+    for source in inputs:
+        if same_file(p, source):
+            raise InvalidInputError(f"{p} is the input file {source}; write the output to another path "
+                                    "(--force never overwrites an input)")
     ext = p.suffix.lower()
     if ext not in allowed:
         raise InvalidInputError(
@@ -94,7 +101,32 @@ def check_output(path: str | os.PathLike[str], force: bool, allowed: tuple[str, 
         raise InvalidInputError(f"{p}: the folder {parent} does not exist")
     if p.exists() and not force:
         raise InvalidInputError(f"{p} already exists; pass --force to overwrite it")
+    try:  # the write goes through a temporary file in the same folder: try one now, not after the work
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise InvalidInputError(f"{p}: cannot write in the folder {parent} ({e.strerror or e})") from e
     return p
+
+
+def check_frame_size(path: str | os.PathLike[str], height: int, width: int) -> None:
+    """Refuse a frame size the output's codec cannot take (.mp4 and .webm: yuv420p, even sides)."""
+    ext = Path(path).suffix.lower()
+    if ext in _VIDEO_CODECS and _VIDEO_CODECS[ext][1] == "yuv420p" and (height % 2 or width % 2):
+        raise InvalidInputError(f"{Path(path).name}: {ext} needs an even height and width, the output would be "
+                                f"{height}x{width}; write a .gif or a .png, or crop with --fit crop")
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file: the same real path (symlinks resolved) or, for files that
+    exist, the same inode (hard links)."""
+    pa, pb = Path(a), Path(b)
+    if pa.resolve() == pb.resolve():
+        return True
+    try:
+        return os.path.samefile(pa, pb)
+    except OSError:
+        return False
 
 
 def check_input(path: str | os.PathLike[str]) -> Path:
@@ -116,7 +148,10 @@ def atomic_path(path: str | os.PathLike[str], force: bool = False) -> Iterator[P
     ``path`` (also one that appeared meanwhile) is never replaced."""
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=f".tmp{p.suffix}", dir=parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=f".tmp{p.suffix}", dir=parent)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {p}: {e.strerror or e}") from e
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -127,6 +162,12 @@ def atomic_path(path: str | os.PathLike[str], force: bool = False) -> Iterator[P
         with contextlib.suppress(OSError):
             os.chmod(tmp, mode)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, p)
+    except OSError as e:  # disk full, ...: name the user's file, not the temporary one
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if str(tmp) not in str(e):
+            raise
+        raise OSError(e.errno, f"cannot write {p}: {e.strerror or e}") from e
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -143,12 +184,23 @@ def _umask_mode() -> int:
 
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32 in [-1, 1]."""
+    """(T, H, W, 3) uint8 or uint16 -> (T, 3, H, W) float32 in [-1, 1] (0 -> -1, the type's max -> 1)."""
     arr = np.ascontiguousarray(frames)
-    if not arr.flags.writeable:
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise InvalidInputError(f"pixels must be uint8 or uint16, not {arr.dtype}")
+    half = np.iinfo(arr.dtype).max / 2
+    if arr.dtype == np.uint16:
+        arr = arr.astype(np.float32)
+    elif not arr.flags.writeable:
         arr = arr.copy()
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / half - 1.0
+
+
+def to_8bit(frames: np.ndarray) -> np.ndarray:
+    """uint16 pixels rounded to uint8 (65535 -> 255); uint8 pixels as they are."""
+    if frames.dtype == np.uint8:
+        return frames
+    return np.round(frames.astype(np.float64) / 257.0).astype(np.uint8)
 
 
 def from_tensor(x: torch.Tensor) -> np.ndarray:
@@ -160,20 +212,28 @@ def from_tensor(x: torch.Tensor) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ reading
 
 
-def read_media(path: str | os.PathLike[str]) -> Media:
-    """Read an image (one frame) or a whole video into memory."""
+def read_media(path: str | os.PathLike[str], deep: bool = False) -> Media:
+    """Read an image (one frame) or a whole video into memory (``deep``: see :func:`read_image`)."""
     p = check_input(path)
     kind = kind_of(p)
     if kind == "image":
-        return Media(read_image(p)[None], None, False)
+        return Media(read_image(p, deep)[None], None, False)
     if kind == "video":
         frames, fps = read_video(p)
         return Media(frames, fps, True)
     raise InvalidInputError(f"{p}: expected an image or a video, got a latent file")
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # Pillow's 16-bit greyscale modes (16-bit PNG, TIFF, PGM)
+
+
+def read_image(path: str | os.PathLike[str], deep: bool = False) -> np.ndarray:
     """(H, W, 3) uint8, with EXIF orientation applied; alpha is dropped, greyscale expanded.
+
+    A 16-bit greyscale image is scaled from its own range (65535 is white): as uint16 with ``deep``
+    (so the model gets all 16 bits), else rounded to uint8. Pillow's ``convert("RGB")`` would clip it
+    to 255 instead. 32-bit integer and float images (modes I, F) have no known white and are refused.
+    Pillow reads a 16-bit-per-channel RGB PNG at 8 bits per channel (correctly scaled).
 
     Pillow's decompression-bomb limit holds: an image of more than twice ``Image.MAX_IMAGE_PIXELS``
     (2 x 89,478,485 pixels by default, about 13,000 x 13,000) is refused before it is decoded, and
@@ -184,10 +244,19 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
+            if im.mode in ("I", "F"):
+                raise InvalidInputError(f"{path}: a 32-bit {'float' if im.mode == 'F' else 'integer'} image "
+                                        f"(mode {im.mode}) has no defined white level; save it as 8- or 16-bit")
+            if im.mode in _16BIT:
+                grey = np.asarray(im).astype(np.uint16)
+                frame = np.repeat(grey[..., None], 3, axis=2)
+                return frame if deep else to_8bit(frame)
             return np.asarray(im.convert("RGB")).copy()
     except Image.DecompressionBombError as e:
         raise InvalidInputError(f"{path}: refused: {e}") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        if isinstance(e, InvalidInputError):
+            raise
         raise InvalidInputError(f"{path}: cannot read the image ({e})") from e
 
 
@@ -271,8 +340,7 @@ def _write_video(path: Path, frames: np.ndarray, fps: Fraction) -> None:
     ext = path.suffix.lower()
     codec, pix_fmt, options = _VIDEO_CODECS[ext]
     t, h, w = frames.shape[:3]
-    if pix_fmt == "yuv420p" and (h % 2 or w % 2):
-        raise InvalidInputError(f"{path.name}: {ext} needs an even height and width, got {h}x{w}")
+    check_frame_size(path, h, w)
     rate = Fraction(fps).limit_denominator(1001 * 1000)
     fmt = "mp4" if ext == ".mp4" else ("webm" if ext == ".webm" else "gif")
     with av.open(str(path), "w", format=fmt) as container:

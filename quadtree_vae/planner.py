@@ -125,6 +125,8 @@ class Plan:
             f"tile limit {fmt_bytes(self.tile_limit)}, budget {fmt_bytes(self.budget) if self.budget else 'none'}, "
             f"tensors between segments on {self.park} ({fmt_bytes(self.cut_bytes)}), "
             f"estimated peak {fmt_bytes(self.peak)}, work {self.overhead:.3f}x untiled",
+            *([f"estimated peak exceeds the budget by {fmt_bytes(self.peak - self.budget)}: running this plan "
+               "is refused"] if self.budget and self.peak > self.budget else []),
         ]
         if self._held is not None:
             lines.append(

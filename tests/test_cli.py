@@ -252,6 +252,7 @@ def test_frame_policies(tmp_path, capsys, policy, latent_t, decoded):
     assert meta["frames"] == "6"
     assert meta.get("frames_trimmed" if policy == "trim" else "frames_padded") == ("1" if policy == "trim" else "3")
     assert f"--frames {policy}" in err
+    assert ("from 5 frames (the first 5 of 6)" if policy == "trim" else "from 6 frames (padded to 9)") in err
     code, _, err = _run(capsys, "decode", lat, "-o", tmp_path / "six_out.mp4", *WAN)
     assert code == 0, err
     m = media.read_media(tmp_path / "six_out.mp4")

@@ -230,3 +230,29 @@ def test_foreign_latent_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x01\x02")
     with pytest.raises(InvalidInputError, match="cannot read the latent file"):
         media.load_latent(tmp_path / "junk.safetensors")
+
+
+def test_16bit_greyscale_keeps_its_range_and_precision(tmp_path):
+    """A 16-bit PNG (mode I;16) is scaled from 65535, not clipped at 255 (issue 10)."""
+    grad = (np.arange(64 * 64).reshape(64, 64) * 16 + 3).astype(np.uint16)  # 3 .. 65523, odd low bits
+    path = tmp_path / "g16.png"
+    Image.fromarray(grad).save(path)
+    assert Image.open(path).mode == "I;16"
+    deep = media.read_image(path, deep=True)
+    assert deep.dtype == np.uint16 and deep.shape == (64, 64, 3)
+    assert np.array_equal(deep[..., 1], grad)
+    x = media.to_tensor(deep[None])
+    assert torch.allclose(x[0, 0].double(), torch.from_numpy(grad / 32767.5 - 1.0), atol=1e-6)  # all 16 bits
+    assert (x > 0.99).float().mean() < 0.01  # not a white image
+    flat = media.read_image(path)
+    assert flat.dtype == np.uint8 and np.array_equal(flat[..., 0], np.round(grad / 257).astype(np.uint8))
+    assert np.array_equal(media.to_8bit(deep), flat)
+    assert media.read_media(path, deep=True).frames.dtype == np.uint16
+    ends = media.to_tensor(np.array([0, 65535], np.uint16).reshape(1, 1, 2, 1).repeat(3, 3))
+    assert ends[0, 0, 0].tolist() == [-1.0, 1.0]
+
+
+def test_32bit_images_are_refused(tmp_path):
+    Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(InvalidInputError, match="no defined white level"):
+        media.read_image(tmp_path / "f.tif")
