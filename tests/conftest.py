@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import strategies as st
+
+from quadtree_vae.geometry import grid
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -99,3 +102,15 @@ def qwen():
 @pytest.fixture(scope="session")
 def sd():
     return sd_tiny()
+
+
+def random_layouts(data, plan):
+    """``plan`` with a random grid (unequal cells, any positions) for every tiled segment."""
+    layouts = {}
+    for i, seg in enumerate(plan.segments):
+        if not seg.is_global:
+            h, w = seg.size_out
+            ys = data.draw(st.lists(st.integers(1, h - 1), max_size=2)) if h > 1 else []
+            xs = data.draw(st.lists(st.integers(1, w - 1), max_size=3)) if w > 1 else []
+            layouts[i] = grid(h, w, ys, xs)
+    return plan.with_layouts(layouts)

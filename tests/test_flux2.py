@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import max_diff, model_state, seeded, untiled_decode, untiled_encode, video
+from conftest import max_diff, model_state, random_layouts, seeded, untiled_decode, untiled_encode, video
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import quadtree_vae as qv
 from quadtree_vae import adapters
-from quadtree_vae.geometry import grid
 
 TOL = 1e-4
 TILES = [16, (24, 40), (16, 64), 200]
@@ -60,14 +59,7 @@ def test_decode_equals_untiled(flux2, tile, b):
 def test_random_layouts(data, op, flux2):
     x = image(1, 32, 48) if op == "encode" else torch.randn(1, 8, 4, 6)
     plan = qv.plan(flux2, x.shape, op=op)
-    layouts = {}
-    for i, seg in enumerate(plan.segments):
-        if not seg.is_global:
-            h, w = seg.size_out
-            ys = data.draw(st.lists(st.integers(1, h - 1), max_size=2)) if h > 1 else []
-            xs = data.draw(st.lists(st.integers(1, w - 1), max_size=3)) if w > 1 else []
-            layouts[i] = grid(h, w, ys, xs)
-    plan = plan.with_layouts(layouts)
+    plan = random_layouts(data, plan)
     if op == "encode":
         assert max_diff(qv.encode(flux2, x, plan=plan), untiled_encode(flux2, x)) <= TOL
     else:

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FIXTURES, max_diff, model_state, sd_tiny, seeded, untiled_decode, untiled_encode, video
+from conftest import (
+    FIXTURES,
+    max_diff,
+    model_state,
+    random_layouts,
+    sd_tiny,
+    seeded,
+    untiled_decode,
+    untiled_encode,
+    video,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import quadtree_vae as qv
-from quadtree_vae.geometry import grid
 
 TOL = 1e-4
 TILES = [16, (24, 40), (16, 64), 200]
@@ -60,14 +69,7 @@ def test_every_groupnorm_starts_a_segment_in_exact_mode(sd):
 def test_random_layouts(data, b, op, sd):
     x = image(b, 32, 48, seed=b) if op == "encode" else torch.randn(b, 4, 4, 6)
     plan = qv.plan(sd, x.shape, op=op)
-    layouts = {}
-    for i, seg in enumerate(plan.segments):
-        if not seg.is_global:
-            h, w = seg.size_out
-            ys = data.draw(st.lists(st.integers(1, h - 1), max_size=2)) if h > 1 else []
-            xs = data.draw(st.lists(st.integers(1, w - 1), max_size=3)) if w > 1 else []
-            layouts[i] = grid(h, w, ys, xs)
-    plan = plan.with_layouts(layouts)
+    plan = random_layouts(data, plan)
     if op == "encode":
         assert max_diff(qv.encode(sd, x, plan=plan), untiled_encode(sd, x)) <= TOL
     else:

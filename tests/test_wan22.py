@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import max_diff, seeded, untiled_decode, untiled_encode, video
+from conftest import max_diff, random_layouts, seeded, untiled_decode, untiled_encode, video
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -84,31 +84,19 @@ def test_qwen21_equals_untiled(qwen21, tile, op):
     assert max_diff(out, ref) <= TOL
 
 
-def _random_layouts(data, plan):
-    """A random grid (unequal cells, any positions) for every tiled segment of ``plan``."""
-    layouts = {}
-    for i, seg in enumerate(plan.segments):
-        if not seg.is_global:
-            h, w = seg.size_out
-            ys = data.draw(st.lists(st.integers(1, h - 1), max_size=2)) if h > 1 else []
-            xs = data.draw(st.lists(st.integers(1, w - 1), max_size=3)) if w > 1 else []
-            layouts[i] = grid(h, w, ys, xs)
-    return plan.with_layouts(layouts)
-
-
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), op=st.sampled_from(["encode", "decode"]), t=st.sampled_from([1, 5]),
        which=st.sampled_from(["wan22", "qwen21"]))
-def test_random_layouts(data, op, t, which, wan22, qwen21):
+def testrandom_layouts(data, op, t, which, wan22, qwen21):
     model = {"wan22": wan22, "qwen21": qwen21}[which]
     t = 1 if which == "qwen21" else t
     if op == "encode":
         x = rgba(1, 32, 48, seed=t) if which == "qwen21" else video(1, t, 32, 48, seed=t)
-        plan = _random_layouts(data, qv.plan(model, x.shape, op="encode"))
+        plan = random_layouts(data, qv.plan(model, x.shape, op="encode"))
         assert max_diff(qv.encode(model, x, plan=plan), untiled_encode(model, x)) <= TOL
     else:
         z = torch.randn(1, 8, 1 + (t - 1) // 4, 2, 3, generator=torch.Generator().manual_seed(t))
-        plan = _random_layouts(data, qv.plan(model, z.shape, op="decode"))
+        plan = random_layouts(data, qv.plan(model, z.shape, op="decode"))
         assert max_diff(qv.decode(model, z, plan=plan), untiled_decode(model, z)) <= TOL
 
 
