@@ -1,8 +1,7 @@
 """Tests for quadtree_vae.loading: offline loading of real checkpoint layouts, refusals, random VAEs.
 
 The reference fixtures (small seeded VAEs saved in release layouts, with outputs computed by the
-original implementations) live in /work/shared/fixtures; the tests that need them are skipped where
-that folder is absent.
+original implementations) live in tests/fixtures (see its README.md).
 """
 
 from __future__ import annotations
