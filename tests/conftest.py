@@ -54,6 +54,14 @@ def sd_tiny(seed: int = 0, **overrides):
     return seeded(AutoencoderKL, seed, **config)
 
 
+def flux2_tiny(seed: int = 0, **overrides):
+    from diffusers import AutoencoderKLFlux2
+
+    config = dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=8)
+    config.update(overrides)
+    return seeded(AutoencoderKLFlux2, seed, **config)
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.double() - b.double()).abs().max().item()

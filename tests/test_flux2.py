@@ -2,13 +2,15 @@
 
 Its batch norm and 2x2 latent patchify are applied by the pipeline outside ``encode``/``decode``, so
 tiling covers exactly what ``vae.encode(x).latent_dist.mode()`` and ``vae.decode(z).sample`` compute.
+The equality tests over tile layouts run in test_sd.py, whose ``model`` fixture includes two
+Flux.2 configs.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import max_diff, model_state, random_layouts, seeded, untiled_decode, untiled_encode, video
+from conftest import flux2_tiny, max_diff, model_state, random_layouts, seeded, untiled_decode, untiled_encode, video
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,14 +19,6 @@ from quadtree_vae import adapters
 
 TOL = 1e-4
 TILES = [16, (24, 40), (16, 64), 200]
-
-
-def flux2_tiny(seed: int = 0, **overrides):
-    from diffusers import AutoencoderKLFlux2
-
-    config = dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=8)
-    config.update(overrides)
-    return seeded(AutoencoderKLFlux2, seed, **config)
 
 
 def image(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -36,22 +30,6 @@ def flux2(request):
     if request.param == "quant-convs":
         return flux2_tiny()
     return flux2_tiny(seed=1, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)
-
-
-@pytest.mark.parametrize("tile", TILES, ids=["16", "24x40", "strips", "larger-than-frame"])
-@pytest.mark.parametrize("b", [1, 2])
-def test_encode_equals_untiled(flux2, tile, b):
-    x = image(b, 40, 56, seed=b)
-    assert max_diff(qv.encode(flux2, x, tile=tile), untiled_encode(flux2, x)) <= TOL
-
-
-@pytest.mark.parametrize("tile", TILES, ids=["16", "24x40", "strips", "larger-than-frame"])
-@pytest.mark.parametrize("b", [1, 2])
-def test_decode_equals_untiled(flux2, tile, b):
-    z = torch.randn(b, 8, 5, 7, generator=torch.Generator().manual_seed(b))
-    out = qv.decode(flux2, z, tile=tile)
-    assert out.shape == (b, 3, 40, 56)
-    assert max_diff(out, untiled_decode(flux2, z)) <= TOL
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import (
     FIXTURES,
+    flux2_tiny,
     max_diff,
     model_state,
     random_layouts,
@@ -31,8 +32,16 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+FLUX2_CONFIGS = {  # AutoencoderKLFlux2: the same encoder/decoder, another class
+    "flux2": {},
+    "flux2-no-quant-convs": dict(use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS) + sorted(FLUX2_CONFIGS))
 def model(request):
+    if request.param in FLUX2_CONFIGS:
+        return flux2_tiny(seed=len(request.param), **FLUX2_CONFIGS[request.param])
     return sd_tiny(seed=len(request.param), **CONFIGS[request.param])
 
 
