@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # reference data, made as fixtures/README.md says
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: Path, args: list[str], ranks: int = 2, env: dict[str, str] | None = None,
+             ) -> subprocess.CompletedProcess:
+    """Run ``script`` under ``torchrun --nproc_per_node ranks`` on 127.0.0.1, one thread per rank."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def seeded(cls, seed: int = 0, **config):

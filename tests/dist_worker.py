@@ -1,11 +1,13 @@
-"""One rank of a tile-parallel test run: tests/test_distributed.py forks one process per rank.
+"""One rank of a tile-parallel test run, launched by torchrun from tests/test_distributed.py.
 
-``run_rank`` runs every case of ``cases()`` under a gloo group on 127.0.0.1 and saves
-{case: result} and the bytes received to OUT/rank{RANK}.pt.
+``python -m torch.distributed.run --nproc_per_node N dist_worker.py OUT`` runs every case of ``cases()``
+under a gloo group (torchrun's rendezvous on 127.0.0.1) and saves {case: result} and the bytes received
+to OUT/rank{RANK}.pt.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -35,9 +37,10 @@ def cases():
     }
 
 
-def run_rank(rank: int, world: int, port: int, out: Path) -> None:
+def run_rank(out: Path) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo")  # RANK, WORLD_SIZE and the rendezvous come from torchrun
+    rank = dist.get_rank()
     models = {}
     results, received = {}, 0
     for name, (build, op, x, opts) in cases().items():
@@ -58,3 +61,7 @@ def run_rank(rank: int, world: int, port: int, out: Path) -> None:
     torch.save({"results": results, "received": received}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
+
+
+if __name__ == "__main__":
+    run_rank(Path(sys.argv[1]))

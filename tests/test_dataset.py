@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import max_diff, untiled_encode
+from conftest import max_diff, torchrun, untiled_encode
 
 import quadtree_vae as qv
 from quadtree_vae import cli, media
 from quadtree_vae.dataset import INDEX_NAME, Item, collect_items, encode_dataset, nearest_bucket
 from quadtree_vae.loading import random_vae
 
-ROOT = Path(__file__).resolve().parent.parent
 WAN = "random:wan2.1:tiny"
 TILE = 32  # several tiles on every item below (the sides are 32..48 px)
 GOOD = ("a.png", "b.png", "c.webp", "clips/m.mp4", "clips/n.mp4", "sub/d.png")
@@ -224,22 +219,6 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(script: Path, args: list[str], die: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("QVAE_TEST_DIE", None)
-    if die:
-        env["QVAE_TEST_DIE"] = die
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_two_ranks_survive_a_killed_rank_and_match_one_process(single, items_dir, tmp_path):
     ref_out, ref = single
     script = tmp_path / "run_cache.py"
@@ -247,12 +226,12 @@ def test_two_ranks_survive_a_killed_rank_and_match_one_process(single, items_dir
     out = tmp_path / "out"
     args = ["cache", str(items_dir), "-o", str(out), "--vae", WAN, "--tile", str(TILE), "-q", "--device", "cpu"]
 
-    killed = _torchrun(script, args, die="1:1")
+    killed = torchrun(script, args, env={"QVAE_TEST_DIE": "1:1"})
     assert killed.returncode != 0, killed.stderr[-3000:]
     assert any(p.name.endswith(".tmp.safetensors") for p in out.iterdir())  # the killed write left a partial
     assert not (out / INDEX_NAME).exists()
 
-    rerun = _torchrun(script, args)
+    rerun = torchrun(script, args)
     assert rerun.returncode == 1, rerun.stderr[-3000:]  # the corrupt item
     index = _index(out)
     assert [r["source"] for r in index] == [r["source"] for r in ref.records]

@@ -1,16 +1,14 @@
-"""Tile-parallel runs: 2 and 3 gloo ranks on 127.0.0.1 give the untiled model's result."""
+"""Tile-parallel runs: 2 and 3 gloo ranks under torchrun on 127.0.0.1 give the untiled model's result."""
 
 from __future__ import annotations
 
-import multiprocessing
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import max_diff, untiled_decode, untiled_encode
-from dist_worker import cases, run_rank
+from conftest import max_diff, torchrun, untiled_decode, untiled_encode
+from dist_worker import cases
 
 import quadtree_vae as qv
 from quadtree_vae.distributed import _box, owners, readers, share, spread
@@ -20,27 +18,10 @@ from quadtree_vae.geometry import Region, check_layout, grid, same
 TOL = 1e-4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, out: Path) -> list[dict]:
-    """Run ``run_rank`` on ``world`` forked ranks (forked: no second import of torch); their results."""
-    port = free_port()
-    fork = multiprocessing.get_context("fork")
-    procs = [fork.Process(target=run_rank, args=(r, world, port, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=120)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-    assert [p.exitcode for p in procs] == [0] * world, "a rank failed (its traceback is in the captured stderr)"
+    """Run tests/dist_worker.py on ``world`` ranks under torchrun; their results."""
+    done = torchrun(Path(__file__).with_name("dist_worker.py"), [str(out)], ranks=world)
+    assert done.returncode == 0, done.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 
