@@ -300,10 +300,8 @@ def run_tiled(op: str, vae: nn.Module, x: torch.Tensor, opts: Options, moments: 
         if opts.group is not None:  # distributed: one plan for all ranks, split so each has tiles
             plan_ = distributed.agree(plan_, opts.group)
         fixed = _fast_stats(vae, net, op, x.to(dtype), plan_) if opts.mode == "fast" else {}
-        park = device if plan_.park == "device" else torch.device("cpu")
         tick = _ticker(plan_, net, x.shape[2] if net.temporal else 1, opts.progress, opts.group)
-        caches = device if plan_.cache_at == "device" else torch.device("cpu")
-        run = Run(device, park, out_device, fixed, tick, ranks=opts.group, caches=caches)
+        run = _run_of(plan_, device, out_device, tick, opts.group, fixed)
         y = execute(net, plan_.segments, x.to(dtype), run)
     if y is None:  # distributed, and the result went to another rank (Ranks.dst)
         return None
@@ -313,6 +311,14 @@ def run_tiled(op: str, vae: nn.Module, x: torch.Tensor, opts: Options, moments: 
             "bfloat16, or use an fp16-safe VAE (for SDXL: madebyollin/sdxl-vae-fp16-fix)."
         )
     return y.squeeze(2) if squeeze else y
+
+
+def _run_of(plan_: Plan, device: torch.device, output: torch.device, tick: Callable[[], None], ranks=None,
+            fixed: dict | None = None) -> Run:
+    """The engine's run settings for ``plan_``: where tensors and caches wait, the group if any."""
+    park = device if plan_.park == "device" else torch.device("cpu")
+    caches = device if plan_.cache_at == "device" else torch.device("cpu")
+    return Run(device, park, output, fixed or {}, tick, ranks=ranks, caches=caches)
 
 
 def _ticker(plan_: Plan, net: Network, t: int, progress: Progress | None, ranks=None) -> Callable[[], None]:

@@ -31,10 +31,10 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from . import adapters
+from . import adapters, distributed
 from .adapters.common import Facts
-from .api import _check_shape, _check_tensor, _device, _network, _plan, _ticker, _upcast
-from .engine import Frames, Network, Run, bounds_of, stream
+from .api import _check_shape, _check_tensor, _device, _network, _plan, _run_of, _ticker, _upcast
+from .engine import Frames, Network, bounds_of, stream
 from .errors import InvalidInputError, NonFiniteOutputError
 from .options import Options, Progress
 from .planner import Plan
@@ -55,16 +55,18 @@ def decode_frames(
     output_device: torch.device | str | None = None,
     progress: Progress | None = None,
     plan: Plan | None = None,
+    group: object = None,
 ) -> Iterator[torch.Tensor]:
     """Decode the latent video ``z`` (B, C, T, h, w), yielding frames (B, 3, t, H, W) as they finish.
 
     Options as in :func:`quadtree_vae.decode`; ``window`` sets the latent frames per window (the
     plan's otherwise). Together the yielded chunks equal ``vae.decode(z).sample``. Checks run when
-    the first chunk is asked for.
+    the first chunk is asked for. With ``group=`` every rank of the group iterates the stream (the
+    windows are computed together); a rank that is not ``Ranks.dst`` yields nothing.
     """
     family, facts = _video_family(vae, "decode_frames")
     name = facts.name
-    opts = Options(tile, budget, mode, output_device=output_device, progress=progress, plan=plan)
+    opts = Options(tile, budget, mode, output_device=output_device, progress=progress, plan=plan, group=group)
     shape = _check_tensor(facts, "decode", z)
     if len(shape) != z.dim():
         raise InvalidInputError(
@@ -73,7 +75,8 @@ def decode_frames(
     out_device = opts.output_device if opts.output_device is not None else z.device
     with _upcast(vae) as dtype:
         plan = _stream_plan(vae, net, facts, "decode", shape, opts, dtype, window)
-        run = _run(vae, plan, out_device, _ticker(plan, net, shape[2], opts.progress))
+        tick = _ticker(plan, net, shape[2], opts.progress, opts.group)
+        run = _run_of(plan, _device(vae), out_device, tick, opts.group)
         chunks = Frames(z.to(dtype), bounds_of(net.chunks(shape[2])), owned=False)
         yield from _checked(_no_grad(stream(net, plan.segments, chunks, run)), name, "decode", dtype)
 
@@ -90,6 +93,7 @@ def encode_frames(
     length: int | None = None,
     output_device: torch.device | str | None = None,
     plan: Plan | None = None,
+    group: object = None,
 ) -> Iterator[torch.Tensor]:
     """Encode a stream of pixel chunks, yielding latent frames (B, C, t, h, w) as they finish.
 
@@ -98,12 +102,12 @@ def encode_frames(
     what the model needs. Together the yielded latents equal ``vae.encode(x).latent_dist.mode()``
     of the concatenated clip. ``frames`` says what happens when the stream does not end on 1 + 4k
     frames (see the module docstring). ``length``, the expected frame count, only sizes the plan
-    (default: 81 frames); ``window`` as in :func:`decode_frames`; other options as in
-    :func:`quadtree_vae.encode`.
+    (default: 81 frames); ``window`` and ``group`` as in :func:`decode_frames`; other options as
+    in :func:`quadtree_vae.encode`. Under ``group=`` every rank passes the same chunks.
     """
     family, facts = _video_family(vae, "encode_frames")
     name = facts.name
-    opts = Options(tile, budget, mode, frames, output_device=output_device, plan=plan)
+    opts = Options(tile, budget, mode, frames, output_device=output_device, plan=plan, group=group)
     net = _network(family, vae, "encode", opts.mode)
     source = iter(chunks)
     first = next(source, None)
@@ -117,7 +121,7 @@ def encode_frames(
     out_device = opts.output_device if opts.output_device is not None else first.device
     with _upcast(vae) as dtype:
         plan = _stream_plan(vae, net, facts, "encode", shape, opts, dtype, window, same_length=False)
-        run = _run(vae, plan, out_device, lambda: None)
+        run = _run_of(plan, _device(vae), out_device, lambda: None, opts.group)
         pixels = _model_chunks(net, _frames_of(facts, first, source), frames, facts)
         timed = (c.to(dtype) for c in pixels)
         yield from _checked(_no_grad(stream(net, plan.segments, timed, run)), name, "encode", dtype)
@@ -220,28 +224,25 @@ def _stream_plan(vae, net: Network, facts: Facts, op: str, shape, opts: Options,
                 f"the plan was made for {plan.op} of {plan.in_shape} in {plan.mode} mode, "
                 f"not {op} of {tuple(shape)} in {mode} mode"
             )
-    return plan.with_window(window) if window is not None else plan
-
-
-def _run(vae: nn.Module, plan: Plan, output: torch.device, tick) -> Run:
-    device = _device(vae)
-    park = device if plan.park == "device" else torch.device("cpu")
-    caches = device if plan.cache_at == "device" else torch.device("cpu")
-    return Run(device, park, output, {}, tick, caches=caches)
+    plan = plan.with_window(window) if window is not None else plan
+    return distributed.agree(plan, opts.group) if opts.group is not None else plan
 
 
 def _no_grad(items: Iterator[T]) -> Iterator[T]:
     """Compute each item without gradients, leaving the caller's grad mode alone between items."""
+    end = object()
     while True:
         with torch.no_grad():
-            item = next(items, None)
-        if item is None:
+            item = next(items, end)
+        if item is end:
             return
         yield item
 
 
 def _checked(pieces: Iterator[torch.Tensor], name: str, op: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     for y in pieces:
+        if y is None:  # tile-parallel: this window went to another rank (Ranks.dst)
+            continue
         if not bool(torch.isfinite(y).all()):
             raise NonFiniteOutputError(
                 f"{name} {op} produced NaN/Inf values in {dtype}: the VAE overflowed. Run it in float32 or "

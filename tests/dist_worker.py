@@ -34,7 +34,18 @@ def cases():
         "sd_decode_tiles": (sd_tiny, "decode", latent(1, 4, 5, 7, seed=2), {"tile": (16, 24)}),
         "sd_decode_dst": (sd_tiny, "decode", latent(1, 4, 4, 6, seed=3), {"tile": 24, "dst": 0}),
         "sd_decode_thin": (sd_tiny, "decode", latent(1, 4, 2, 1, seed=4), {"progress": True}),
+        # the streaming API: windows of 1 and 2 latent frames, chunks of 1, 3, 2, 3 frames
+        "wan_decode_frames": (wan_tiny, "decode_frames", latent(1, 4, 3, 5, 7, seed=6), {"tile": 24, "window": 1}),
+        "wan_decode_frames_dst": (wan_tiny, "decode_frames", latent(1, 4, 3, 5, 7, seed=7), {"window": 2, "dst": 0}),
+        "wan_encode_frames": (wan_tiny, "encode_frames", video(1, 9, 32, 48, seed=8), {"tile": 24, "window": 1}),
     }
+
+
+def streamed(vae, op: str, x: torch.Tensor, **opts) -> torch.Tensor | None:
+    """The chunks of ``qv.decode_frames`` / ``qv.encode_frames`` put together (None: none came)."""
+    chunks = [x[:, :, a:b] for a, b in ((0, 1), (1, 4), (4, 6), (6, 9))] if op == "encode_frames" else None
+    pieces = list(getattr(qv, op)(vae, chunks if chunks is not None else x, **opts))
+    return torch.cat(pieces, dim=2) if pieces else None
 
 
 def run_rank(out: Path) -> None:
@@ -49,7 +60,10 @@ def run_rank(out: Path) -> None:
         if opts.get("progress"):  # each rank counts its own tiles, up to its own total
             seen = []
             opts["progress"] = lambda done, total, seen=seen: seen.append((done, total))
-        results[name] = getattr(qv, op)(vae, x, group=ranks, **opts)
+        if op.endswith("_frames"):
+            results[name] = streamed(vae, op, x, group=ranks, **opts)
+        else:
+            results[name] = getattr(qv, op)(vae, x, group=ranks, **opts)
         if opts.get("progress"):
             assert seen[-1][0] == seen[-1][1] == len(seen) - 1, seen
         received += ranks.received
