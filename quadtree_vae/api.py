@@ -23,7 +23,7 @@ from .errors import InvalidInputError, NonFiniteOutputError, UnsupportedArchitec
 from .fitting import fit_frames, frames_to_add
 from .norm import Moments
 from .options import Options, Progress, parse_device, parse_shape
-from .planner import Plan, fmt_bytes, make_plan
+from .planner import Plan, Replanner, fmt_bytes, make_plan
 
 OPS = ("encode", "decode")
 
@@ -303,7 +303,8 @@ def run_tiled(op: str, vae: nn.Module, x: torch.Tensor, opts: Options, moments: 
         park = device if plan_.park == "device" else torch.device("cpu")
         tick = _ticker(plan_, net, x.shape[2] if net.temporal else 1, opts.progress, opts.group)
         caches = device if plan_.cache_at == "device" else torch.device("cpu")
-        run = Run(device, park, out_device, fixed, tick, ranks=opts.group, caches=caches)
+        retile = Replanner(plan_) if opts.group is None else None  # ranks share one layout: no replanning
+        run = Run(device, park, out_device, fixed, tick, ranks=opts.group, caches=caches, retile=retile)
         y = execute(net, plan_.segments, x.to(dtype), run)
     if y is None:  # distributed, and the result went to another rank (Ranks.dst)
         return None
@@ -316,7 +317,7 @@ def run_tiled(op: str, vae: nn.Module, x: torch.Tensor, opts: Options, moments: 
 
 
 def _ticker(plan_: Plan, net: Network, t: int, progress: Progress | None, ranks=None) -> Callable[[], None]:
-    """Counts this process's tiles x chunks (with ``ranks``: this rank's share)."""
+    """Counts this process's tiles x chunks (with ``ranks``: this rank's share), up to the planned total."""
     if progress is None:
         return lambda: None
     chunks = len(net.chunks(t)) if net.temporal else 1
@@ -327,7 +328,7 @@ def _ticker(plan_: Plan, net: Network, t: int, progress: Progress | None, ranks=
     def tick() -> None:
         nonlocal done
         done += 1
-        progress(done, total)
+        progress(min(done, total), total)  # tiles split after running out of memory tick more than planned
 
     return tick
 

@@ -18,6 +18,10 @@ frames of every whole chunk have been yielded; ``"trim"`` drops the left-over fr
 repeats the last frame to complete the chunk. Each gives the same latents as ``qv.encode`` of the
 whole clip with the same ``frames`` option.
 
+A tile that runs out of memory in the first time window is split, as in ``qv.decode``; after it,
+the tile's causal caches carry over from earlier windows and a stream cannot go back over frames it
+has yielded, so :class:`~quadtree_vae.errors.OutOfMemoryError` is raised (``qv.decode`` starts again).
+
 While a stream is open the model runs in float32 if its config asks for ``force_upcast`` (as
 ``qv.encode`` does for the length of one call); it goes back to its own dtype when the stream ends
 or is closed. Gradients are off only while the stream computes, never between yields.
@@ -37,7 +41,7 @@ from .api import _check_shape, _check_tensor, _device, _network, _plan, _ticker,
 from .engine import Frames, Network, Run, bounds_of, stream
 from .errors import InvalidInputError, NonFiniteOutputError
 from .options import Options, Progress
-from .planner import Plan
+from .planner import Plan, Replanner
 
 DEFAULT_STREAM_FRAMES = 81  # frames a stream of unknown length is planned for (a standard Wan clip)
 
@@ -227,7 +231,7 @@ def _run(vae: nn.Module, plan: Plan, output: torch.device, tick) -> Run:
     device = _device(vae)
     park = device if plan.park == "device" else torch.device("cpu")
     caches = device if plan.cache_at == "device" else torch.device("cpu")
-    return Run(device, park, output, {}, tick, caches=caches)
+    return Run(device, park, output, {}, tick, caches=caches, retile=Replanner(plan))
 
 
 def _no_grad(items: Iterator[T]) -> Iterator[T]:
