@@ -404,7 +404,8 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
     (every rank runs the same layout).
     """
     steps = net.steps[seg.start : seg.stop]
-    layout = run.retile.layout(state.segment) if run.retile is not None else seg.layout
+    retile = run.retile if run.ranks is None else None
+    layout = retile.layout(state.segment) if retile is not None else seg.layout
     out: torch.Tensor | None = None
     out_bounds = None
     parts: list[Moments] = []
@@ -418,7 +419,7 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
             pieces = _run_tile(steps, seg.start, cur, core, caches, kept, stats, groups, target, run, skip_sources,
                                parts, (state.segment, ti))
         except TORCH_OOM:
-            if run.retile is None:
+            if retile is None:
                 raise
             pieces = None  # leaving the handler frees the tile's tensors held by the traceback
         if pieces is None:
@@ -427,7 +428,7 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
             _free(run.device)
             if state.keep and cur.start > 0:
                 raise _Restart(state.segment, ti, cur.start)
-            layout = run.retile.shrink(state.segment, ti)
+            layout = retile.shrink(state.segment, ti)
             todo = list(range(ti, len(layout)))
             continue
         state.put(ti, caches)

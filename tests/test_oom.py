@@ -18,7 +18,7 @@ from PIL import Image
 import quadtree_vae as qv
 from quadtree_vae import demo, engine
 from quadtree_vae.cli import main
-from quadtree_vae.geometry import Region, check_layout
+from quadtree_vae.geometry import Region, check_layout, subdivide
 from quadtree_vae.planner import Replanner
 
 TOL = 1e-4
@@ -297,3 +297,17 @@ def test_replanner_keeps_done_tiles_and_covers_the_frame(sd):
     relaid = replanner.layout(later)  # a later segment is laid out under the lowered limit too
     check_layout(relaid, *plan.segments[later].size_out)
     assert len(relaid) > len(plan.segments[later].layout)
+
+
+def test_subdivide_covers_an_offset_region_on_the_grid():
+    """The split a replan makes of one tile: its pieces cover it exactly, on multiples of ``align``
+    (where the tile's own edges allow), each fits or is ``align`` on a side."""
+    core = Region((8, 48), (16, 80))
+    pieces = subdivide(core, lambda r: r.area <= 200, align=8)
+    covered = torch.zeros(48, 80, dtype=torch.int)
+    for r in pieces:
+        covered[r.y[0] : r.y[1], r.x[0] : r.x[1]] += 1
+        assert r.area <= 200 or min(r.h, r.w) < 16
+        assert all(v % 8 == 0 for v in (*r.y, *r.x))
+    assert covered[8:48, 16:80].eq(1).all() and covered.sum() == core.area
+    assert subdivide(core, lambda r: True, align=8) == [core]
