@@ -13,6 +13,7 @@ from .errors import (
     InvalidInputError,
     LoadError,
     NonFiniteOutputError,
+    OutOfMemoryError,
     QuadtreeVAEError,
     UnsupportedArchitectureError,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "InvalidInputError",
     "LoadError",
     "NonFiniteOutputError",
+    "OutOfMemoryError",
     "Plan",
     "QuadtreeVAEError",
     "Ranks",

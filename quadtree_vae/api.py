@@ -23,7 +23,7 @@ from .errors import InvalidInputError, NonFiniteOutputError, UnsupportedArchitec
 from .fitting import fit_frames, frames_to_add
 from .norm import Moments
 from .options import Options, Progress, parse_device, parse_shape
-from .planner import Plan, fmt_bytes, make_plan
+from .planner import Plan, Replanner, fmt_bytes, make_plan
 
 OPS = ("encode", "decode")
 
@@ -318,11 +318,12 @@ def _run_of(plan_: Plan, device: torch.device, output: torch.device, tick: Calla
     """The engine's run settings for ``plan_``: where tensors and caches wait, the group if any."""
     park = device if plan_.park == "device" else torch.device("cpu")
     caches = device if plan_.cache_at == "device" else torch.device("cpu")
-    return Run(device, park, output, fixed or {}, tick, ranks=ranks, caches=caches)
+    retile = Replanner(plan_) if ranks is None else None  # ranks share one layout: no replanning
+    return Run(device, park, output, fixed or {}, tick, ranks=ranks, caches=caches, retile=retile)
 
 
 def _ticker(plan_: Plan, net: Network, t: int, progress: Progress | None, ranks=None) -> Callable[[], None]:
-    """Counts this process's tiles x chunks (with ``ranks``: this rank's share)."""
+    """Counts this process's tiles x chunks (with ``ranks``: this rank's share), up to the planned total."""
     if progress is None:
         return lambda: None
     chunks = len(net.chunks(t)) if net.temporal else 1
@@ -333,7 +334,7 @@ def _ticker(plan_: Plan, net: Network, t: int, progress: Progress | None, ranks=
     def tick() -> None:
         nonlocal done
         done += 1
-        progress(done, total)
+        progress(min(done, total), total)  # tiles split after running out of memory tick more than planned
 
     return tick
 

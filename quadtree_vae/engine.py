@@ -8,6 +8,7 @@ causal cache of the tile's own; the tile's core is written into the segment's ou
 that need the whole frame (attention) run untiled on the materialised tensor between segments.
 GroupNorm statistics are accumulated from the cores the previous segment writes. Videos run in
 time windows (see "windows" below), so what waits between segments is one window, not the clip.
+A tile that runs out of memory is split and the run goes on (``_run_tiled``, ``Run.retile``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,19 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from . import distributed
-from .geometry import POINTWISE, Footprint, Region, halo_regions, produced, sizes_along
+from .errors import TORCH_OOM, OutOfMemoryError
+from .geometry import POINTWISE, Footprint, Layout, Region, halo_regions, produced, sizes_along
 from .norm import Moments, merge_all
+
+before_tile: Callable[[int, int, Region, int], None] | None = None
+"""Test hook: called before each tile x time chunk with (segment index, tile index in the segment's
+current layout, the tile's core, index of the chunk in the clip); tests set it to raise ``torch.OutOfMemoryError``."""
 
 
 @dataclass
@@ -124,6 +131,33 @@ class Run:
     tick: Callable[[], None] = lambda: None  # called after each tile x chunk
     ranks: distributed.Ranks | None = None  # tile-parallel over a process group; None: this process alone
     caches: torch.device | None = None  # where causal caches wait between windows (None: the device)
+    retile: Retile | None = None  # smaller tiles after running out of memory (None: the error propagates)
+
+
+class Retile(Protocol):
+    """The layouts segments run, made smaller when a tile runs out of memory (``planner.Replanner``)."""
+
+    def layout(self, segment: int) -> Layout:
+        """The layout segment ``segment`` runs now (the same every time, once it has run)."""
+
+    def shrink(self, segment: int, tile: int, restart: bool = False) -> Layout:
+        """After tile ``tile`` ran out of memory: the segment's new layout (the tiles before ``tile``
+        unchanged, the rest smaller); with ``restart`` every segment is laid out again when next run.
+        Raises :class:`OutOfMemoryError` when the tile is already the smallest the model allows."""
+
+
+class _Restart(OutOfMemoryError):
+    """A tile whose causal caches carry over from earlier time windows ran out of memory: splitting
+    it would lose them, so the run must start again (``execute`` does; a stream that has yielded
+    frames cannot)."""
+
+    def __init__(self, segment: int, tile: int, start: int):
+        super().__init__(
+            f"out of memory in segment {segment}, tile {tile}, in the time window from chunk {start}: its causal "
+            "caches carry over from earlier windows, so it cannot be split there, and a stream cannot go back over "
+            "frames it has yielded; pass a smaller tile or budget"
+        )
+        self.segment, self.tile = segment, tile
 
 
 # ------------------------------------------------------------------------------------------ windows
@@ -213,7 +247,18 @@ def execute(net: Network, segments: Sequence, x: torch.Tensor, run: Run) -> torc
     """Run ``net`` on ``x`` following ``segments`` (objects with start, stop, layout[, window]).
 
     None only on the ranks of a tile-parallel run that do not receive the result (``Ranks.dst``).
+    When a tile whose causal caches carry over from earlier windows runs out of memory, the run
+    starts again from the first window with smaller tiles (see ``_run_tiled``): still exact.
     """
+    while True:
+        try:
+            return _execute(net, segments, x, run)
+        except _Restart as e:
+            where = e.segment, e.tile
+        run.retile.shrink(*where, restart=True)
+
+
+def _execute(net: Network, segments: Sequence, x: torch.Tensor, run: Run) -> torch.Tensor | None:
     if not net.temporal:
         return _run_window(net, segments, Frames(x, None, owned=False), Caches(run.device, run.caches), run,
                            run.output).tensor
@@ -348,36 +393,44 @@ def _reusable(steps: Sequence[Step], seg, kept: dict[int, Frames], target: torch
 
 def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run: Run, skip_sources, reuse,
                state: _TileCaches):
+    """Run one local segment tile by tile and write each tile's core into its output.
+
+    Out of memory: a tile that raises ``torch.OutOfMemoryError`` is dropped (its pieces, moments
+    and caches) and ``run.retile`` splits it and the segment's remaining tiles under a lower limit;
+    the tiles already written stay, since the tiles of a segment are independent, and so do the
+    moments merged from them and the statistics this segment normalises with. Only a tile whose
+    causal caches carry over from an earlier time window cannot be split (its new pieces would
+    have no caches): then the whole run starts again (``_Restart``). Tile-parallel runs never split
+    (every rank runs the same layout).
+    """
     steps = net.steps[seg.start : seg.stop]
-    fps = [s.footprint for s in steps]
+    retile = run.retile if run.ranks is None else None
+    layout = retile.layout(state.segment) if retile is not None else seg.layout
     out: torch.Tensor | None = None
     out_bounds = None
     parts: list[Moments] = []
-    for ti in distributed.mine(seg.layout, run.ranks):  # all tiles, or this rank's share
-        core = seg.layout[ti]
-        regions = halo_regions(fps, core, cur.size)
+    todo = distributed.mine(layout, run.ranks)  # all tiles, or this rank's share
+    while todo:
+        ti, todo = todo[0], todo[1:]
+        core = layout[ti]
         caches = state.take(ti, steps)
-        pieces = []
-        for ci, chunk in enumerate(cur.chunks()):
-            t = cur.read(chunk, regions[0]).to(run.device)
-            inputs: dict[int, tuple[torch.Tensor, Region]] = {}
-            for k, step in enumerate(steps):
-                idx = seg.start + k
-                if idx in skip_sources:
-                    inputs[idx] = (t, regions[k])
-                got = produced(step.footprint, regions[k])
-                t = crop(step.fn(t, Ctx(caches[k], cur.start + ci == 0, stats.get(idx))), got, regions[k + 1])
-                if step.skip is not None:
-                    if step.skip in inputs:
-                        skip = crop(*inputs[step.skip], regions[k + 1])
-                    else:
-                        src = kept[step.skip]
-                        skip = src.read(src.chunks()[ci], regions[k + 1]).to(run.device)
-                    t = step.join(t, skip)
-            if groups:
-                parts.append(Moments.of(t, groups))
-            pieces.append(t.to(target))
-            run.tick()
+        mark = len(parts)
+        try:
+            pieces = _run_tile(steps, seg.start, cur, core, caches, kept, stats, groups, target, run, skip_sources,
+                               parts, (state.segment, ti))
+        except TORCH_OOM:
+            if retile is None:
+                raise
+            pieces = None  # leaving the handler frees the tile's tensors held by the traceback
+        if pieces is None:
+            del parts[mark:]
+            caches = None
+            _free(run.device)
+            if state.keep and cur.start > 0:
+                raise _Restart(state.segment, ti, cur.start)
+            layout = retile.shrink(state.segment, ti)
+            todo = list(range(ti, len(layout)))
+            continue
         state.put(ti, caches)
         del caches
         tile = torch.cat(pieces, dim=2) if cur.bounds is not None else pieces[0]
@@ -394,6 +447,43 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
             out[..., core.y[0] : core.y[1], core.x[0] : core.x[1]] = tile
     assert out is not None or run.ranks is not None, "a segment with an empty layout"
     return Frames(out, out_bounds, start=cur.start), merge_all(parts) if parts else None
+
+
+def _run_tile(steps: Sequence[Step], start: int, cur: Frames, core: Region, caches: list[list], kept, stats, groups,
+              target, run: Run, skip_sources, parts: list[Moments], where: tuple[int, int]) -> list[torch.Tensor]:
+    """One tile of a segment (steps ``start:``), chunk by chunk: its output pieces on ``target``;
+    the moments of each piece are appended to ``parts``."""
+    regions = halo_regions([s.footprint for s in steps], core, cur.size)
+    pieces = []
+    for ci, chunk in enumerate(cur.chunks()):
+        if before_tile is not None:
+            before_tile(*where, core, cur.start + ci)
+        t = cur.read(chunk, regions[0]).to(run.device)
+        inputs: dict[int, tuple[torch.Tensor, Region]] = {}
+        for k, step in enumerate(steps):
+            idx = start + k
+            if idx in skip_sources:
+                inputs[idx] = (t, regions[k])
+            got = produced(step.footprint, regions[k])
+            t = crop(step.fn(t, Ctx(caches[k], cur.start + ci == 0, stats.get(idx))), got, regions[k + 1])
+            if step.skip is not None:
+                if step.skip in inputs:
+                    skip = crop(*inputs[step.skip], regions[k + 1])
+                else:
+                    src = kept[step.skip]
+                    skip = src.read(src.chunks()[ci], regions[k + 1]).to(run.device)
+                t = step.join(t, skip)
+        if groups:
+            parts.append(Moments.of(t, groups))
+        pieces.append(t.to(target))
+        run.tick()
+    return pieces
+
+
+def _free(device: torch.device) -> None:
+    """Give the memory of a failed tile back to the device, so the smaller tiles find it unfragmented."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _whole(tile: torch.Tensor, shape: tuple[int, ...]) -> bool:

@@ -1,6 +1,10 @@
-"""Exceptions raised by quadtree-vae: all are raised before any heavy work starts."""
+"""Exceptions raised by quadtree-vae: all but the last two are raised before any heavy work starts."""
 
 from __future__ import annotations
+
+import torch
+
+TORCH_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # what a backend raises when out of memory
 
 
 class QuadtreeVAEError(Exception):
@@ -21,3 +25,14 @@ class LoadError(QuadtreeVAEError, ValueError):
 
 class NonFiniteOutputError(QuadtreeVAEError, FloatingPointError):
     """The model produced NaN/Inf (typically float16 overflow); the message names the fix."""
+
+
+class OutOfMemoryError(QuadtreeVAEError, TORCH_OOM):
+    """A tile ran out of device memory even at the smallest tiles the model allows (the engine splits
+    tiles that run out of memory and goes on; see :class:`quadtree_vae.planner.Replanner`). ``plan``
+    is the smallest plan tried. It is also a ``torch.OutOfMemoryError``, so code that catches that
+    (a UI's own fallback) still does."""
+
+    def __init__(self, message: str, plan=None):
+        super().__init__(message)
+        self.plan = plan

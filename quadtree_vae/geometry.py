@@ -266,29 +266,33 @@ def even_cuts(n: int, cap: int, align: int = 1) -> list[int]:
         parts += 1
 
 
+def subdivide(r: Region, fits: Callable[[Region], bool], align: int = 1) -> list[Region]:
+    """Split ``r`` as a quadtree until every leaf ``fits`` (or is ``align`` pixels on a side).
+
+    A leaf is halved along both axes, or only along its long axis when it is more than twice as
+    long as it is wide, so strips stay strips. Cuts fall on multiples of ``align`` where possible.
+    """
+    if fits(r):
+        return [r]
+    split_y = r.h >= 2 * align and r.h * 2 > r.w
+    split_x = r.w >= 2 * align and r.w * 2 > r.h
+    if not (split_y or split_x):
+        split_y, split_x = r.h >= 2 * align, r.w >= 2 * align
+        if not (split_y or split_x):
+            return [r]
+    ys = [r.y[0], r.y[0] + _split(r.h, align), r.y[1]] if split_y else [r.y[0], r.y[1]]
+    xs = [r.x[0], r.x[0] + _split(r.w, align), r.x[1]] if split_x else [r.x[0], r.x[1]]
+    return [t for y0, y1 in zip(ys, ys[1:]) for x0, x1 in zip(xs, xs[1:])
+            for t in subdivide(Region((y0, y1), (x0, x1)), fits, align)]
+
+
 def quadtree(
     h: int, w: int, fits: Callable[[Region], bool], align: int = 1, cap: tuple[int, int] | None = None
 ) -> Layout:
-    """Split the frame as a quadtree until every leaf ``fits`` (or is ``align`` pixels on a side).
+    """Split the frame as a quadtree until every leaf ``fits`` (see :func:`subdivide`).
 
     With ``cap`` the root is first split into the fewest near-equal cells no larger than the cap
-    (a tile size asked for by the user). A leaf is halved along both axes, or only along its long
-    axis when it is more than twice as long as it is wide, so strips stay strips. Cuts fall on
-    multiples of ``align`` where possible.
+    (a tile size asked for by the user).
     """
-
-    def rec(r: Region) -> list[Region]:
-        if fits(r):
-            return [r]
-        split_y = r.h >= 2 * align and r.h * 2 > r.w
-        split_x = r.w >= 2 * align and r.w * 2 > r.h
-        if not (split_y or split_x):
-            split_y, split_x = r.h >= 2 * align, r.w >= 2 * align
-            if not (split_y or split_x):
-                return [r]
-        ys = [r.y[0], r.y[0] + _split(r.h, align), r.y[1]] if split_y else [r.y[0], r.y[1]]
-        xs = [r.x[0], r.x[0] + _split(r.w, align), r.x[1]] if split_x else [r.x[0], r.x[1]]
-        return [t for y0, y1 in zip(ys, ys[1:]) for x0, x1 in zip(xs, xs[1:]) for t in rec(Region((y0, y1), (x0, x1)))]
-
     roots = grid(h, w, even_cuts(h, cap[0], align), even_cuts(w, cap[1], align)) if cap else (full(h, w),)
-    return tuple(t for root in roots for t in rec(root))
+    return tuple(t for root in roots for t in subdivide(root, fits, align))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -23,8 +24,8 @@ from typing import NamedTuple
 import torch
 
 from .engine import Network, Step, passes
-from .errors import InvalidInputError
-from .geometry import Layout, Region, check_layout, full, halo_regions, produced, quadtree, sizes_along
+from .errors import InvalidInputError, OutOfMemoryError
+from .geometry import Layout, Region, check_layout, full, halo_regions, produced, quadtree, sizes_along, subdivide
 
 MIN_TILE = 16  # px on the image side: two latent pixels; below it the halo is most of the work
 CACHE_T = 2  # frames a causal 3x3x3 conv keeps between chunks
@@ -70,6 +71,7 @@ class Plan:
     chunks: int = 1  # time chunks of the whole clip
     _relayout: Callable[[Segment, Layout], Segment] | None = field(default=None, repr=False, compare=False)
     _held: Callable[[Sequence[Segment]], int] | None = field(default=None, repr=False, compare=False)
+    _est: _Estimator | None = field(default=None, repr=False, compare=False)  # model-free, for replanning
 
     @property
     def peak(self) -> int:
@@ -143,7 +145,7 @@ class Plan:
         lines.append(f"{'#':>3} {'steps':<34} {'in':>11} {'out':>11} {'tiles':>5} {'halo':>4} {'peak':>9} "
                      f"{'work':>6} {'window':>6} {'cache':>9}")
         for i, s in enumerate(self.segments):
-            names = s.names[0] if len(s.names) == 1 else f"{s.names[0]} .. {s.names[-1]}"
+            names = _names(s)
             lines.append(
                 f"{i:>3} {names[:34]:<34} {_wxh(s.size_in):>11} {_wxh(s.size_out):>11} "
                 f"{'all' if s.is_global else len(s.layout):>5} {s.halo:>4} {fmt_bytes(s.peak):>9} "
@@ -248,6 +250,12 @@ class _Estimator:
     def _cache(self, steps: Sequence[Step], regions: Sequence[Region]) -> int:
         slots = sum(s.cache_slots * s.channels[0] * r.area for s, r in zip(steps, regions))
         return slots * CACHE_T * self.batch * self.elem
+
+    def align(self, stop: int) -> int:
+        """The grid the tiles of a segment ending at step ``stop`` are cut on: one latent pixel,
+        also the smallest tile side."""
+        image = max(self.sizes, key=lambda s: s[0] * s[1])
+        return max(1, self.net.spatial_factor * self.sizes[stop][0] // image[0])
 
     def image_extent(self, start: int, stop: int, core: Region, image: tuple[int, int]) -> tuple[int, int]:
         """Largest height and width of the regions a tile runs on at image resolution (halo included)."""
@@ -460,6 +468,7 @@ def make_plan(
             window=min(windows) if windows else None, cache_bytes=_cache_held(segments, chunks),
             cache_at=cache_at, chunks=chunks,
             _relayout=partial(_relayout, model_free), _held=model_free.held if windowed else None,
+            _est=model_free,
         )
 
     out_c = net.steps[-1].channels[1]
@@ -490,7 +499,7 @@ def _segment(net: Network, est: _Estimator, span: _Span, sizes, image, tile, pro
     size = sizes[b]
     if is_global:
         return est.segment(a, b, (full(*size),), True, span.window)
-    align = max(1, net.spatial_factor * size[0] // image[0])
+    align = est.align(b)
     cap = probes[(a, b)][0] if (a, b) in probes else None
 
     def fits(r: Region) -> bool:
@@ -535,3 +544,85 @@ def _probe(net, est: _Estimator, a: int, b: int, image, tile, frames, batch, ele
         )
     core = tuple(max(1, int((t - (e - t)) * sc)) for t, e, sc in zip(tile, ext, scale))
     return core, sub.tile(a, b, Region((core[0], 2 * core[0]), (core[1], 2 * core[1])))[0]
+
+
+# ------------------------------------------------------------------------------------ out of memory
+
+
+class Replanner:
+    """Smaller tiles when a tile runs out of memory: the engine's ``Run.retile`` for ``plan``.
+
+    The tile limit starts at the plan's. When a tile runs out of memory, the limit drops to half
+    that tile's estimated peak (or half the limit, if lower); the tile and the rest of its segment
+    are split as quadtrees under it, and so is every segment that has not run yet (the estimates
+    were too low for this device). A warning names the new limit and tile size each time. A tile
+    already at the smallest side the model allows (one latent pixel, :meth:`_Estimator.align`)
+    cannot be split: then :class:`OutOfMemoryError` is raised, with the smallest plan tried.
+    A segment's layout stays as it is once it has run: tile indices key causal caches across windows.
+    """
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.limit = plan.tile_limit
+        self.layouts: dict[int, Layout] = {}  # segment -> the layout it runs
+
+    def layout(self, segment: int) -> Layout:
+        """The layout ``segment`` runs: the plan's, split under the limit once it has been lowered."""
+        if segment not in self.layouts:
+            seg = self.plan.segments[segment]
+            lowered = self.limit < self.plan.tile_limit and self.plan._est is not None
+            self.layouts[segment] = self._split(seg, seg.layout, self.limit) if lowered else seg.layout
+        return self.layouts[segment]
+
+    def shrink(self, segment: int, tile: int, restart: bool = False) -> Layout:
+        """After tile ``tile`` of ``segment`` ran out of memory: the segment's new layout, the tiles
+        before ``tile`` (already written) unchanged; with ``restart``, every segment is laid out again
+        when it next runs (the run starts over)."""
+        seg, layout = self.plan.segments[segment], self.layout(segment)
+        core = layout[tile]
+        est = self.plan._est
+        peak = est.tile(seg.start, seg.stop, core)[0] if est is not None else None
+        limit = min(self.limit, peak) // 2 if peak is not None else 0
+        if est is None or len(self._split(seg, (core,), limit)) == 1:
+            raise self._exhausted(segment, core, peak)
+        self.limit = limit
+        if restart:
+            self.layouts.clear()
+            new = self._split(seg, seg.layout, limit)
+        else:
+            new = self.layouts[segment] = layout[:tile] + self._split(seg, layout[tile:], limit)
+        biggest = max(new[tile:] if not restart else new, key=lambda r: r.area)
+        warnings.warn(
+            f"out of memory in segment {segment} ({_names(seg)}) at a tile of {core.h}x{core.w} px of its "
+            f"{_wxh(seg.size_out)} output (estimated {fmt_bytes(peak)}): "
+            + ("its causal caches carry over from earlier time windows, so the run starts again with every "
+               "segment's tiles " if restart else "splitting it and the segment's remaining tiles, and the tiles of "
+               "later segments, ")
+            + f"under a tile limit of {fmt_bytes(limit)} (tiles of at most {biggest.h}x{biggest.w} px here)",
+            RuntimeWarning, stacklevel=2,
+        )
+        return new
+
+    def _split(self, seg: Segment, cores: Sequence[Region], limit: int) -> Layout:
+        """``cores`` of ``seg``, each split as a quadtree until every tile's estimated peak fits ``limit``."""
+        est = self.plan._est
+        align = est.align(seg.stop)
+        return tuple(t for core in cores
+                     for t in subdivide(core, lambda r: est.tile(seg.start, seg.stop, r)[0] <= limit, align))
+
+    def _exhausted(self, segment: int, core: Region, peak: int | None) -> OutOfMemoryError:
+        """The error once the failing tile cannot be split: it names the smallest plan tried."""
+        seg = self.plan.segments[segment]
+        smallest = replace(self.plan.with_layouts(self.layouts), tile_limit=self.limit)
+        return OutOfMemoryError(
+            f"out of memory in segment {segment} ({_names(seg)}) even at the smallest tile the model allows there: "
+            f"{core.h}x{core.w} px of its {_wxh(seg.size_out)} output, estimated {fmt_bytes(peak)}. The smallest "
+            f"plan tried has {smallest.tiles} tiles under a tile limit of {fmt_bytes(smallest.tile_limit)} "
+            f"(estimated peak {fmt_bytes(smallest.peak)}; the error's .plan.describe() shows it). Free memory on "
+            "the device, or give a smaller batch or input",
+            plan=smallest,
+        )
+
+
+def _names(seg: Segment) -> str:
+    return seg.names[0] if len(seg.names) == 1 else f"{seg.names[0]} .. {seg.names[-1]}"

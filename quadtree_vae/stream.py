@@ -18,6 +18,10 @@ frames of every whole chunk have been yielded; ``"trim"`` drops the left-over fr
 repeats the last frame to complete the chunk. Each gives the same latents as ``qv.encode`` of the
 whole clip with the same ``frames`` option.
 
+A tile that runs out of memory in the first time window is split, as in ``qv.decode``; after it,
+the tile's causal caches carry over from earlier windows and a stream cannot go back over frames it
+has yielded, so :class:`~quadtree_vae.errors.OutOfMemoryError` is raised (``qv.decode`` starts again).
+
 While a stream is open the model runs in float32 if its config asks for ``force_upcast`` (as
 ``qv.encode`` does for the length of one call); it goes back to its own dtype when the stream ends
 or is closed. Gradients are off only while the stream computes, never between yields.
