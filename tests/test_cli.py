@@ -402,6 +402,26 @@ def test_inspect_plan_and_plot(tmp_path, capsys):
     assert "planning for 9" in out and "(1, 3, 9, 32, 32)" in out
 
 
+@pytest.mark.parametrize("spec,args,latent,tile", [
+    ("random:wan2.2:tiny", ("--frames", "5"), (1, 48, 2, 4, 6), 48),  # 16x spatial, 2x2 patchify
+    ("random:flux2:tiny", (), (1, 32, 8, 12), 32),
+])
+def test_inspect_plot_on_the_new_families(tmp_path, capsys, spec, args, latent, tile):
+    from quadtree_vae.plot import image_segment
+
+    plot = tmp_path / "layout.png"
+    code, out, err = _run(capsys, "inspect", "--size", "64x96", *args, "--vae", spec, "--tile", str(tile),
+                          "--plot", plot)
+    assert code == 0, err
+    assert f"-> latent {latent}" in out and "encode:" in out and "decode:" in out
+    p = qv.plan(random_vae(spec.split(":")[1], tiny=True), latent, tile=tile, op="decode")
+    idx, seg = image_segment(p)
+    assert seg.size_out == (64, 96)  # the plotted segment is the one at image resolution
+    assert f"wrote {plot}: decode segment {idx}, {len(seg.layout)} tiles" in out
+    im = Image.open(plot)
+    assert im.format == "PNG" and im.width >= 96 and im.height >= im.width * 64 // 96  # the frame, plus a caption
+
+
 def test_inspect_needs_a_size(capsys):
     code, _, err = _run(capsys, "inspect", *WAN)
     assert code == 2 and "--size" in err
