@@ -378,6 +378,51 @@ def test_progress_bar_and_quiet(tmp_path, monkeypatch, quiet):
         assert "encode:" in text and "tile" in text and "vae:" in text
 
 
+# ------------------------------------------------------------------------ pixel tensors, Wan 2.2 fixture
+
+
+def test_wan22_fixture_through_qvae_with_pixel_tensors(tmp_path, capsys):
+    """The original Wan 2.2 implementation's outputs, reproduced by `qvae encode` / `qvae decode` on the
+    release-layout weights file: the input and the decoded output as float tensors (no 8-bit step)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = FIXTURES / "wan22-original-tiny"
+    cases = load_file(folder / "cases.safetensors")
+    vae = ["--vae", str(folder / "model.safetensors"), "--tile", "80"]  # 2x2 tiles on 128x160
+    pixels, z = tmp_path / "clip.safetensors", tmp_path / "z.safetensors"
+    save_file({"pixels": cases["video_1x128x160"]}, str(pixels))
+    code, _, err = _run(capsys, "encode", pixels, "-o", z, *vae)
+    assert code == 0, err
+    assert _latent(z).shape == (1, 8, 1, 8, 10)
+    assert (_latent(z) - cases["mu_1x128x160"]).abs().max() <= 1e-4
+    assert _meta(z)["pixels"] == "tensor" and _meta(z)["architecture"] == "wan2.2"
+
+    given, out = tmp_path / "given.safetensors", tmp_path / "out.safetensors"
+    save_file({"latent": cases["z_1x128x160"]}, str(given))
+    code, _, err = _run(capsys, "decode", given, "-o", out, *vae)
+    assert code == 0, err
+    with safe_open(str(out), framework="pt") as f:
+        y, meta = f.get_tensor("pixels"), f.metadata()
+    assert meta["format"] == media.PIXELS_FORMAT and y.dtype == torch.float32
+    assert (y - cases["decoded_1x128x160"].clamp(-1, 1)).abs().max() <= 1e-4  # the release decode, then clamped
+
+
+def test_pixel_tensor_of_a_shape_the_model_does_not_take(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"pixels": torch.zeros(1, 3, 6, 64, 64)}, str(bad))  # 6 frames: not 1 + 4k
+    code, _, err = _run(capsys, "encode", bad, "-o", tmp_path / "z.safetensors", "--vae", "random:wan2.2:tiny")
+    assert code == 2 and "error:" in err and "6 frames" in err and "Traceback" not in err
+    save_file({"pixels": torch.zeros(1, 3, 1, 64, 72)}, str(bad))
+    code, _, err = _run(capsys, "encode", bad, "-o", tmp_path / "z.safetensors", "--vae", "random:wan2.2:tiny",
+                        "--force")
+    assert code == 2 and "not multiples of 16" in err
+    save_file({"pixels": torch.zeros(1, 3, 64, 64, dtype=torch.int32)}, str(bad))
+    code, _, err = _run(capsys, "encode", bad, "-o", tmp_path / "z.safetensors", *SD, "--force")
+    assert code == 2 and "finite floats" in err
+
+
 # ----------------------------------------------------------------------------------- inspect / plot
 
 
