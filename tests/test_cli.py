@@ -407,6 +407,26 @@ def test_wan22_fixture_through_qvae_with_pixel_tensors(tmp_path, capsys):
     assert (y - cases["decoded_1x128x160"].clamp(-1, 1)).abs().max() <= 1e-4  # the release decode, then clamped
 
 
+def test_qwen_image21_rgba_pixel_tensor_through_qvae(tmp_path, capsys):
+    """Qwen-Image 2.1 takes 4-channel (RGBA) frames, which image files do not give: a pixel tensor does."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(1, 4, 1, 64, 96, generator=g) * 2 - 1
+    pixels, z, out = tmp_path / "rgba.safetensors", tmp_path / "z.safetensors", tmp_path / "out.safetensors"
+    save_file({"pixels": x}, str(pixels))
+    spec = ["--vae", "random:qwen-image-2.1:tiny", "--tile", "48"]
+    assert _run(capsys, "encode", pixels, "-o", z, *spec)[0] == 0
+    assert _run(capsys, "decode", z, "-o", out, *spec)[0] == 0
+    vae = random_vae("qwen-image-2.1", tiny=True)
+    with torch.no_grad():
+        want_z = vae.encode(x).latent_dist.mode()
+        want_y = vae.decode(_latent(z)).sample
+    with safe_open(str(out), framework="pt") as f:
+        y = f.get_tensor("pixels")
+    assert (_latent(z) - want_z).abs().max() <= 1e-4 and (y - want_y).abs().max() <= 1e-4
+
+
 def test_pixel_tensor_of_a_shape_the_model_does_not_take(tmp_path, capsys):
     from safetensors.torch import save_file
 
