@@ -10,10 +10,11 @@ the call (the kernel's high-water mark is reset first); on CUDA ``torch.cuda.max
 above what was allocated before. Seconds are one timed run after an untimed warm-up on a small
 input (which also warms the thread pool and kernels).
 
-    python benchmarks/bench.py                 # every case (about 25 minutes on 2 CPU cores)
-    python benchmarks/bench.py --only wan      # or sd, qwen
+    python benchmarks/bench.py                     # every case (about 25 minutes on 2 CPU cores, before wan22/flux2)
+    python benchmarks/bench.py --only wan22,flux2  # families: wan, wan22, qwen, sd, flux2 (comma-separated)
     python benchmarks/bench.py --only sd --methods exact,fast
     python benchmarks/bench.py --device cuda
+    python benchmarks/bench.py --quick             # tiny widths, half the sides: checks the script runs
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ from pathlib import Path
 import torch
 
 import quadtree_vae as qv
+from quadtree_vae import adapters
+from quadtree_vae.loading import random_vae
 from quadtree_vae.measure import peak_tracker
 from quadtree_vae.planner import fmt_bytes
-
-SD_CONFIG = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
 # (model, op, input shape, tile, methods)
 CASES = [
@@ -49,20 +49,27 @@ CASES = [
     ("sd", "decode", (1, 4, 64, 64), 256, ["untiled", "diffusers", "exact", "fast"]),
     ("sd", "encode", (1, 3, 1024, 1024), 256, ["untiled", "diffusers", "exact", "fast"]),
     ("sd", "decode", (1, 4, 128, 128), 256, ["untiled", "diffusers", "exact", "fast"]),
+    ("wan2.2", "encode", (1, 3, 1, 512, 512), 256, ["untiled", "diffusers", "exact"]),
+    ("wan2.2", "decode", (1, 48, 1, 32, 32), 256, ["untiled", "diffusers", "exact"]),
+    ("wan2.2", "encode", (1, 3, 5, 256, 256), 128, ["untiled", "diffusers", "exact"]),
+    ("wan2.2", "decode", (1, 48, 2, 16, 16), 128, ["untiled", "diffusers", "exact"]),
+    ("flux2", "encode", (1, 3, 512, 512), 256, ["untiled", "diffusers", "exact"]),
+    ("flux2", "decode", (1, 32, 64, 64), 256, ["untiled", "diffusers", "exact"]),
 ]
+FAMILIES = {"wan": "wan2.1", "wan22": "wan2.2", "qwen": "qwen-image", "sd": "sd", "flux2": "flux2"}
 
 
-def build(model: str, device: str) -> torch.nn.Module:
-    from diffusers import AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan
+def build(model: str, device: str, tiny: bool) -> torch.nn.Module:
+    """The released config of ``model`` (``random:ARCH``'s defaults: Wan 2.1 / Qwen-Image base_dim 96,
+    Wan 2.2 TI2V 160/256/z48 with 2x2 patchify, SD-1.x and Flux.2 128/256/512/512) with seed-0 weights."""
+    return random_vae(model, seed=0, tiny=tiny, device=device)
 
-    torch.manual_seed(0)
-    if model == "wan2.1":
-        vae = AutoencoderKLWan()
-    elif model == "qwen-image":
-        vae = AutoencoderKLQwenImage()
-    else:
-        vae = AutoencoderKL(**SD_CONFIG)
-    return vae.eval().to(device)
+
+def quick_case(case: tuple) -> tuple:
+    """``--quick``: the case at half the sides and half the tile, still several tiles (a run-through on
+    the tiny-width models, not a measurement)."""
+    model, op, shape, tile, methods = case
+    return model, op, (*shape[:-2], shape[-2] // 2, shape[-1] // 2), tile // 2, methods
 
 
 def make_input(op: str, shape: tuple[int, ...], device: str) -> torch.Tensor:
@@ -80,9 +87,9 @@ def diffusers_tiling(vae: torch.nn.Module, tile: int) -> None:
     if hasattr(vae, "tile_sample_min_height"):  # Wan, Qwen-Image
         vae.tile_sample_min_height = vae.tile_sample_min_width = tile
         vae.tile_sample_stride_height = vae.tile_sample_stride_width = tile * 3 // 4
-    else:  # AutoencoderKL: tile size from sample_size, overlap 1/4
+    else:  # AutoencoderKL, AutoencoderKLFlux2: tile size from sample_size, overlap 1/4
         vae.tile_sample_min_size = tile
-        vae.tile_latent_min_size = tile // 8
+        vae.tile_latent_min_size = tile // adapters.facts(vae).spatial_factor
         vae.tile_overlap_factor = 0.25
 
 
@@ -102,7 +109,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, op, shape, tile, method = json.loads(args.child)
     shape = tuple(shape)
-    vae = build(model, args.device)
+    vae = build(model, args.device, args.quick)
     fn = method_fn(vae, op, method, tile)
     small = list(shape)
     small[-2], small[-1] = (8, 8) if op == "decode" else (64, 64)
@@ -126,10 +133,13 @@ def child(args: argparse.Namespace) -> None:
 def run_one(case, method: str, args: argparse.Namespace, out: Path) -> dict:
     model, op, shape, tile, _ = case
     cmd = [sys.executable, __file__, "--child", json.dumps([model, op, shape, tile, method]), "--save", str(out),
-           "--device", args.device, "--threads", str(args.threads)]
+           "--device", args.device, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if res.returncode:
-        raise RuntimeError(f"{cmd}\n{res.stderr[-3000:]}")
+        if method == "untiled":  # nothing to compare with
+            raise RuntimeError(f"{cmd}\n{res.stderr[-3000:]}")
+        lines = res.stderr.strip().splitlines() or ["no output"]
+        return {"error": lines[-1][:200]}  # e.g. diffusers' tiling refusing a model: a row that says so
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -141,7 +151,8 @@ def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["wan", "qwen", "sd"], help="run one model family")
+    ap.add_argument("--only", type=_families, help=f"comma-separated families: {', '.join(FAMILIES)}")
+    ap.add_argument("--quick", action="store_true", help="tiny widths at half the sides and tile: check that it runs")
     ap.add_argument("--methods", help="comma-separated subset of untiled,diffusers,exact,fast (untiled always runs)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -152,12 +163,14 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    prefix = {"wan": "wan2.1", "qwen": "qwen-image", "sd": "sd"}.get(args.only, "")
-    cases = [c for c in CASES if c[0].startswith(prefix)]
+    cases = [c for c in CASES if args.only is None or c[0] in args.only]
+    if args.quick:
+        cases = [quick_case(c) for c in cases]
     rows = []
     header = ("| model | op | input | tile | method | seconds | x untiled | peak memory | of which parked "
               "| max abs err | PSNR dB |")
-    print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}, float32\n")
+    print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}, float32"
+          + (", --quick (tiny widths: not a measurement)" if args.quick else "") + "\n")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,10 +182,16 @@ def main() -> None:
             for m in methods:
                 path = Path(tmp) / f"{m}.pt"
                 results[m] = run_one(case, m, args, path)
-                outputs[m] = torch.load(path)
+                outputs[m] = torch.load(path) if "error" not in results[m] else None
             ref, base = outputs["untiled"], results["untiled"]["seconds"]
             for m in methods:
                 r, y = results[m], outputs[m]
+                if y is None:
+                    rows.append(dict(model=model, op=op, input="x".join(map(str, shape)), tile=tile, method=m,
+                                     error=r["error"]))
+                    print(f"| {model} | {op} | {rows[-1]['input']} | {tile} | {m} | failed: {r['error']} "
+                          f"| | | | | |", flush=True)
+                    continue
                 err = (y.double() - ref.double()).abs().max().item()
                 row = dict(model=model, op=op, input="x".join(map(str, shape)), tile=tile, method=m,
                            seconds=r["seconds"], ratio=r["seconds"] / base, peak=r["peak"], parked=r["parked"],
@@ -184,6 +203,15 @@ def main() -> None:
                       flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def _families(value: str) -> set[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown family {', '.join(unknown) or value!r}; "
+                                         f"choose from {', '.join(FAMILIES)}")
+    return {FAMILIES[n] for n in names}
 
 
 if __name__ == "__main__":

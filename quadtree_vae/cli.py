@@ -137,13 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("encode", parents=[common, fit], help="image or video -> latents (.safetensors)",
-                       description="Encode an image or a video into a latent file (key 'latent', with metadata).")
-    p.add_argument("input", metavar="INPUT", help="image (.png .jpg .webp ...) or video (.mp4 .webm .gif ...)")
+                       description="Encode an image or a video into a latent file (key 'latent', with metadata). "
+                                   "A .safetensors file with a float tensor 'pixels' (B, C, [T,] H, W) in [-1, 1] "
+                                   "is encoded as it is, without the 8-bit step of image files.")
+    p.add_argument("input", metavar="INPUT", help="image (.png .jpg .webp ...), video (.mp4 .webm .gif ...) or "
+                                                  "pixel tensor (.safetensors with 'pixels')")
     p.add_argument("-o", "--output", required=True, metavar="LATENTS.safetensors")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", parents=[common], help="latents -> image or video",
-                       description="Decode a latent file into an image (.png .jpg .webp) or a video (.mp4 .webm .gif).")
+                       description="Decode a latent file into an image (.png .jpg .webp), a video (.mp4 .webm .gif) "
+                                   "or, with -o OUT.safetensors, the decoder's float output as a tensor 'pixels'.")
     p.add_argument("latents", metavar="LATENTS", help="a .safetensors file written by 'qvae encode'")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.add_argument("--fps", type=_fps, default=None,
@@ -320,6 +324,8 @@ def _load_source(args, out: Console, command: str):
 
 def cmd_encode(args, out: Console) -> int:
     dest = media.check_output(args.output, args.force, (media.LATENT_EXT,), inputs=(args.input,))
+    if media.holds_pixels(args.input):
+        return _encode_tensor(args, dest, out)
     src_path, src, vae, info, x, meta, _ = _load_source(args, out, "encode")
     plan = _plan_for(vae, "encode", x.shape, args)  # validates tile/budget/shape before the heavy work
     t0 = time.perf_counter()
@@ -329,6 +335,22 @@ def cmd_encode(args, out: Console) -> int:
     what = _encoded_frames(meta) if src.is_video else "image"
     out.note(f"wrote {dest}: latent {tuple(z.shape)} {meta['dtype']} from {what} {src.size[0]}x{src.size[1]}"
              + (f" at {meta['fps']} fps" if "fps" in meta else "") + f" [{time.perf_counter() - t0:.1f} s]")
+    _say_random(info, out)
+    return 0
+
+
+def _encode_tensor(args, dest: Path, out: Console) -> int:
+    """``qvae encode PIXELS.safetensors``: a float pixel tensor, encoded as it is (exact, no 8-bit step)."""
+    _options(args)
+    src_path = media.check_input(args.input)
+    x = media.load_pixels(src_path)
+    vae, info = _load(args, out)
+    meta = latents.tensor_input(x, info, src_path.name)
+    plan = _plan_for(vae, "encode", x.shape, args)
+    t0 = time.perf_counter()
+    z = _run_items("encode", vae, x, args, plan)
+    media.save_latent(dest, z, {**latents.metadata(info, z, args, src_path), **meta}, force=args.force)
+    out.note(f"wrote {dest}: latent {tuple(z.shape)} from pixels {tuple(x.shape)} [{time.perf_counter() - t0:.1f} s]")
     _say_random(info, out)
     return 0
 
@@ -344,7 +366,8 @@ def _encoded_frames(meta: dict) -> str:
 
 
 def cmd_decode(args, out: Console) -> int:
-    dest = media.check_output(args.output, args.force, media.IMAGE_WRITE + media.VIDEO_WRITE, inputs=(args.latents,))
+    dest = media.check_output(args.output, args.force, media.IMAGE_WRITE + media.VIDEO_WRITE + (media.LATENT_EXT,),
+                              inputs=(args.latents,))
     src = media.check_input(args.latents)
     if media.kind_of(src) != "latent":
         raise InvalidInputError(f"{src}: decode takes a latent file ({media.LATENT_EXT}); to encode and decode an "
@@ -363,6 +386,12 @@ def cmd_decode(args, out: Console) -> int:
         out.note(f"no frame rate in {src.name}: writing {fps} fps (set one with --fps)")
     t0 = time.perf_counter()
     y = _run_items("decode", vae, z, args, plan)
+    if dest.suffix.lower() == media.LATENT_EXT:  # the decoder's float output as it is (no 8-bit step, no --fit undo)
+        media.save_pixels(dest, y, {"vae": info["spec"], "source": src.name}, force=args.force)
+        out.note(f"wrote {dest}: pixels {tuple(y.shape)} {str(y.dtype).removeprefix('torch.')} "
+                 f"[{time.perf_counter() - t0:.1f} s]")
+        _say_random(info, out)
+        return 0
     frames = latents.restore(latents.frames_of(y, temporal), meta, out)
     media.write_media(dest, frames, fps, force=args.force)
     out.note(f"wrote {dest}: {_describe_frames(frames, fps if dest.suffix.lower() in media.VIDEO_WRITE else None)} "
@@ -460,12 +489,12 @@ def cmd_inspect(args, out: Console) -> int:
                 out.result(f"note: {t} frames is not 1+{facts.temporal_factor}k: encode needs --frames trim "
                            f"({t - facts.extra_frames(t)}) or --frames pad ({t + added}); planning for {t + added}")
                 t += added
-            enc_shape = (1, 3, t, h, w)
+            enc_shape = (1, facts.in_channels, t, h, w)
             dec_shape = (1, info["latent_channels"], facts.latent_frames(t), h // sf, w // sf)
         else:
             if t > 1:
                 out.result(f"note: a 2-D VAE encodes the {t} frames one by one; the plan is per frame")
-            enc_shape = (1, 3, h, w)
+            enc_shape = (1, facts.in_channels, h, w)
             dec_shape = (1, info["latent_channels"], h // sf, w // sf)
         out.result(f"input: {h}x{w}" + (f", {_plural(t, 'frame')}" if temporal else "") + f" -> latent {dec_shape}")
     device = next(vae.parameters()).device

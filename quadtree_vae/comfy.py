@@ -1,25 +1,31 @@
 """ComfyUI nodes: "Quadtree VAE Encode" and "Quadtree VAE Decode".
 
 They take ComfyUI's own ``VAE`` object (``comfy.sd.VAE``), read its weights with ``vae.get_sd()``
-(ComfyUI keeps VAE weights in the original release layouts: ldm/sgm keys for the SD family, the Wan
-2.1 release keys for Wan 2.1 and Qwen-Image), build the matching diffusers model once per VAE object
-with :func:`quadtree_vae.loading.vae_from_state_dict`, and run the tiled engine on it. Results equal
-the untiled model's, so they are what ComfyUI's stock "VAE Encode" / "VAE Decode" give, without the
-seams of ComfyUI's tiled nodes and within a memory budget.
+(ComfyUI keeps VAE weights in the original release layouts: ldm/sgm keys for the SD family, plus
+``bn.*`` for Flux.2; the Wan 2.1 release keys for Wan 2.1 and Qwen-Image; the Wan 2.2 release keys,
+``encoder.downsamples.0.downsamples.0.residual.0.gamma`` ..., for Wan 2.2), build the matching
+diffusers model once per VAE object with :func:`quadtree_vae.loading.vae_from_state_dict`, and run
+the tiled engine on it. Results equal the untiled model's, so they are what ComfyUI's stock "VAE
+Encode" / "VAE Decode" give, without the seams of ComfyUI's tiled nodes and within a memory budget.
 
 ComfyUI conventions followed (``comfy/sd.py`` ``VAE.encode`` / ``VAE.decode``, ``nodes.py``
 ``VAEEncode`` / ``VAEDecode``):
 
 * IMAGE is (B, H, W, C) float in [0, 1]; only the first 3 channels are encoded, and H and W are
-  centre-cropped to a multiple of the VAE's spatial factor (its adapter's), as ``VAE.vae_encode_crop_pixels`` does.
+  centre-cropped to a multiple of the VAE's spatial factor (its adapter's: 8, 16 for Wan 2.2, 16 for
+  Flux.2 with its latent patch), as ``VAE.vae_encode_crop_pixels`` does.
   Pixels go through ``vae.process_input`` (x * 2 - 1) and decoded images through
   ``vae.process_output`` ((x + 1) / 2 clamped to [0, 1]).
 * LATENT is ``{"samples": (B, C, h, w)}``, or (B, C, T, h, w) for the Wan / Qwen-Image VAE; the
-  latents are the raw VAE latents (ComfyUI applies scale/shift inside the model, not in the VAE).
+  latents are the raw VAE latents (ComfyUI applies scale/shift inside the model, not in the VAE),
+  except Flux.2's: ComfyUI's Flux.2 VAE (``bn.running_mean`` in its weights) folds the 32-channel
+  latent's 2x2 patches into 128 channels and normalises them with ``bn``'s running statistics inside
+  the VAE, so its LATENT is (B, 128, H/16, W/16); the nodes do the same around the tiled 32-channel
+  model (the adapter's ``pack_latent`` / ``unpack_latent``, diffusers' ``Flux2Pipeline`` fold).
   Encoding returns the posterior mean, as ComfyUI's VAE Encode does for every family (checked
   against ComfyUI v0.8.0: equal to VAE Encode / VAE Decode within 1.8e-5).
 * For a video VAE the IMAGE batch is the frames of one clip: B images encode to (1, C, T', h, w)
-  with T' the latent frames the adapter states (1 + (B - 1) // 4 for Wan 2.1; frames the model
+  with T' the latent frames the adapter states (1 + (B - 1) // 4 for Wan 2.1 and 2.2; frames the model
   does not take are dropped, as ComfyUI drops them, with a warning), and a decoded
   (B, C, T, h, w) latent comes back as B * T' images.
 * Outputs are float32 on ``vae.output_device`` (ComfyUI's intermediate device); the model runs on
@@ -31,8 +37,8 @@ ComfyUI keeps the VAE and is dropped with it. It waits on the VAE's offload devi
 CPU) and is moved to the VAE's device only for the duration of a run, after asking ComfyUI's model
 management to free room for it.
 
-A VAE whose weights are not one of the supported layouts (TAESD, Stable Cascade, audio VAEs, Wan
-2.2, LTX, Hunyuan, ...) raises an error naming it; with ``fallback="full"`` the node runs the VAE's
+A VAE whose weights are not one of the supported layouts (TAESD, Stable Cascade, audio VAEs, LTX,
+Hunyuan, ...) raises an error naming it; with ``fallback="full"`` the node runs the VAE's
 own untiled ``encode`` / ``decode`` instead, with a warning in the log. (``"stock"``, the widget's
 earlier name for it, is still accepted by :func:`encode_image` / :func:`decode_latent`; the widget
 offers only ``full``.) Other exceptions are not turned into
@@ -294,7 +300,7 @@ def encode_image(
         return vae.encode(pixels[:, :, :, :3])
 
     facts = adapters.facts(model)
-    x = _crop(pixels[:, :, :, :3], facts.spatial_factor)
+    x = _crop(pixels[:, :, :, :3], facts.spatial_factor * facts.latent_patch)
     x = _process_input(vae)(x.float()).movedim(-1, 1)  # (B, 3, H, W) in [-1, 1]
     if facts.temporal:
         x = x.movedim(1, 0).unsqueeze(0)  # the batch is the clip's frames: (1, 3, T, H, W)
@@ -306,7 +312,7 @@ def encode_image(
     _make_room(vae, model, device, _working_estimate(vae, "encode", tuple(x.shape), opts.budget))
     with _OnDevice(model, device, home):
         z = run_tiled("encode", model, x, opts)
-    return z.float()
+    return adapters.pack_latent(model, z.float())
 
 
 def decode_latent(
@@ -331,13 +337,28 @@ def decode_latent(
 
     device, home = _device(vae), _offload_device(vae)
     _make_room(vae, model, device, _working_estimate(vae, "decode", tuple(samples.shape), opts.budget))
+    z = _unpack(model, samples)
     with _OnDevice(model, device, home):
-        y = run_tiled("decode", model, samples, opts)
+        y = run_tiled("decode", model, z, opts)
     images = _process_output(vae)(y.float())
     if images.dim() == 5:  # (B, 3, T, H, W) -> B * T images
         images = images.movedim(1, -1)
         return images.reshape(-1, *images.shape[-3:])
     return images.movedim(1, -1)
+
+
+def _unpack(model: nn.Module, samples: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's LATENT -> what the model decodes (Flux.2: unfold the packed, normalised latent)."""
+    facts = adapters.facts(model)
+    if facts.latent_patch == 1:
+        return samples
+    packed = facts.latent_channels * facts.latent_patch**2
+    if samples.dim() != 4 or samples.shape[1] != packed:
+        raise InvalidInputError(
+            f"Quadtree VAE Decode: {facts.name} takes ComfyUI's packed latent (B, {packed}, h, w), got "
+            f"{tuple(samples.shape)}"
+        )
+    return adapters.unpack_latent(model, samples.to(torch.float32))
 
 
 def _crop(pixels: torch.Tensor, factor: int) -> torch.Tensor:

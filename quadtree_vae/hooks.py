@@ -17,15 +17,18 @@ back what was there), leaving ``vars()`` of the model as before.
 
 What the shadowed methods return, per class (as read in diffusers 0.42):
 
-* ``AutoencoderKL._encode(x)``: the moments ``quant_conv(encoder(x))`` (mean and log-variance);
-  ours: :func:`quadtree_vae.api.encode_moments`. The public ``encode`` wraps them in a real
-  ``DiagonalGaussianDistribution``, so ``.mode()``, ``.sample(generator)`` and ``.kl()`` work.
-* ``AutoencoderKLWan._encode(x)`` / ``AutoencoderKLQwenImage._encode(x)``: the same for video
-  (B, 3, T, H, W). Like diffusers, a clip whose frame count is not 1 + 4k loses its last frames
-  (``frames="trim"``, the default here; pass ``frames="error"`` or ``"pad"`` to change it).
+* ``AutoencoderKL._encode(x)`` / ``AutoencoderKLFlux2._encode(x)``: the moments
+  ``quant_conv(encoder(x))`` (mean and log-variance); ours: :func:`quadtree_vae.api.encode_moments`.
+  The public ``encode`` wraps them in a real ``DiagonalGaussianDistribution``, so ``.mode()``,
+  ``.sample(generator)`` and ``.kl()`` work. (Flux.2's latent patchify and batch norm are the
+  pipeline's, outside these methods, and stay so.)
+* ``AutoencoderKLWan._encode(x)`` (Wan 2.1 and 2.2) / ``AutoencoderKLQwenImage._encode(x)`` /
+  ``AutoencoderKLQwenImage21._encode(x)``: the same for video (B, C, T, H, W). Like diffusers, a
+  clip whose frame count is not 1 + 4k loses its last frames (``frames="trim"``, the default
+  here; pass ``frames="error"`` or ``"pad"`` to change it).
 * ``_decode(z, return_dict=True)``: ``DecoderOutput(sample=...)`` or ``(sample,)``; for the Wan and
-  Qwen-Image classes the sample is clamped to [-1, 1], as theirs is (the engine's decoder ends
-  with the same clamp).
+  Qwen-Image classes (2.1 included) the sample is clamped to [-1, 1], as theirs is (the engine's
+  decoder ends with the same clamp).
 
 While enabled, diffusers' own tiling (``enable_tiling()`` / ``use_tiling``) is ignored: the
 shadowing methods never look at it, so the engine's exact tiling takes precedence; the flag is

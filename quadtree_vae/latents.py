@@ -64,6 +64,29 @@ def model_input(src: media.Media, args, info: dict, what: str, out: Console):
     return x, meta, media.to_8bit(shown)
 
 
+def tensor_input(x: torch.Tensor, info: dict, name: str) -> dict:
+    """Check a pixel tensor (``qvae encode PIXELS.safetensors``) against the model and return the
+    latent metadata about it. It is encoded as it is: the shape must already be one the model takes
+    (no --fit, no --frames), so the latent is exactly the model's."""
+    facts = info["facts"]
+    want = "(B, C, T, H, W)" if facts.temporal else "(B, C, H, W)"
+    if x.dim() != (5 if facts.temporal else 4) or x.shape[1] != facts.in_channels:
+        raise InvalidInputError(f"{name}: pixels {tuple(x.shape)}; {info['class']} takes {want} with "
+                                f"C = {facts.in_channels}")
+    h, w = x.shape[-2:]
+    if h % facts.spatial_factor or w % facts.spatial_factor:
+        raise InvalidInputError(f"{name}: {h}x{w} pixels are not multiples of {facts.spatial_factor}; a pixel "
+                                f"tensor is encoded as it is (crop or pad it, or pass an image file with --fit)")
+    t = x.shape[2] if facts.temporal else 1
+    if facts.extra_frames(t) or (facts.max_frames and t > facts.max_frames):
+        rule = f"at most {facts.max_frames}" if facts.max_frames else f"1 + {facts.temporal_factor}k"
+        raise InvalidInputError(f"{name}: {t} frames; {info['class']} takes {rule} frames and a pixel tensor is "
+                                f"encoded as it is")
+    kind = "video" if facts.temporal and t > 1 else "image"
+    return {"kind": kind, "source_size": [h, w], "image_size": [h, w], "frames": t, "frames_encoded": t,
+            "pixels": "tensor"}
+
+
 def metadata(info: dict, z: torch.Tensor, args, source: Path) -> dict:
     return {
         "version": VERSION,

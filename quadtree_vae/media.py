@@ -34,6 +34,8 @@ VIDEO_WRITE = (".mp4", ".webm", ".gif")
 LATENT_EXT = ".safetensors"
 LATENT_KEY = "latent"
 LATENT_FORMAT = "quadtree-vae-latent"
+PIXELS_KEY = "pixels"  # a float pixel tensor in a .safetensors file: exact input to encode, exact output of decode
+PIXELS_FORMAT = "quadtree-vae-pixels"
 DEFAULT_FPS = Fraction(16)  # Wan 2.1's native rate: used when nothing says otherwise
 
 # (codec, pixel format, options) per container written
@@ -419,6 +421,48 @@ def load_latent(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str, s
         raise InvalidInputError(f"{p}: the latent tensor has dtype {z.dtype}; expected floating point")
     _check_meta(meta, p)
     return z, meta, notes
+
+
+def holds_pixels(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a .safetensors file with a "pixels" tensor (not a latent file)."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if p.suffix.lower() != LATENT_EXT or not p.is_file():
+        return False
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            keys = f.keys()
+        return PIXELS_KEY in keys
+    except (SafetensorError, OSError, ValueError):
+        return False  # load_latent reports what is wrong with the file
+
+
+def load_pixels(path: str | os.PathLike[str]) -> torch.Tensor:
+    """The "pixels" tensor of a .safetensors file: float (B, C, H, W) or (B, C, T, H, W) in [-1, 1],
+    the model's own input convention, taken with all its bits (no 8-bit rounding, no resizing)."""
+    from safetensors import SafetensorError, safe_open
+
+    p = check_input(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            x = f.get_tensor(PIXELS_KEY)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InvalidInputError(f"{p}: cannot read the pixel tensor ({e})") from e
+    if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+        raise InvalidInputError(f"{p}: the {PIXELS_KEY!r} tensor must hold finite floats, got {x.dtype}")
+    return x
+
+
+def save_pixels(path: str | os.PathLike[str], y: torch.Tensor, metadata: Mapping[str, object],
+                force: bool = False) -> None:
+    """Write decoded pixels (float, [-1, 1]) under the key "pixels", as :func:`load_pixels` reads them."""
+    from safetensors.torch import save_file
+
+    meta = {"format": PIXELS_FORMAT, **{str(k): v if isinstance(v, str) else json.dumps(v)
+                                         for k, v in metadata.items() if v is not None}}
+    with atomic_path(path, force) as tmp:
+        save_file({PIXELS_KEY: y.detach().cpu().contiguous()}, str(tmp), metadata=meta)
 
 
 def _check_meta(meta: Mapping[str, str], path: Path) -> None:

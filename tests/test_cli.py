@@ -378,6 +378,71 @@ def test_progress_bar_and_quiet(tmp_path, monkeypatch, quiet):
         assert "encode:" in text and "tile" in text and "vae:" in text
 
 
+# ------------------------------------------------------------------------ pixel tensors, Wan 2.2 fixture
+
+
+def test_wan22_fixture_through_qvae_with_pixel_tensors(tmp_path, capsys):
+    """The original Wan 2.2 implementation's outputs, reproduced by `qvae encode` / `qvae decode` on the
+    release-layout weights file: the input and the decoded output as float tensors (no 8-bit step)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = FIXTURES / "wan22-original-tiny"
+    cases = load_file(folder / "cases.safetensors")
+    vae = ["--vae", str(folder / "model.safetensors"), "--tile", "80"]  # 2x2 tiles on 128x160
+    pixels, z = tmp_path / "clip.safetensors", tmp_path / "z.safetensors"
+    save_file({"pixels": cases["video_1x128x160"]}, str(pixels))
+    code, _, err = _run(capsys, "encode", pixels, "-o", z, *vae)
+    assert code == 0, err
+    assert _latent(z).shape == (1, 8, 1, 8, 10)
+    assert (_latent(z) - cases["mu_1x128x160"]).abs().max() <= 1e-4
+    assert _meta(z)["pixels"] == "tensor" and _meta(z)["architecture"] == "wan2.2"
+
+    given, out = tmp_path / "given.safetensors", tmp_path / "out.safetensors"
+    save_file({"latent": cases["z_1x128x160"]}, str(given))
+    code, _, err = _run(capsys, "decode", given, "-o", out, *vae)
+    assert code == 0, err
+    with safe_open(str(out), framework="pt") as f:
+        y, meta = f.get_tensor("pixels"), f.metadata()
+    assert meta["format"] == media.PIXELS_FORMAT and y.dtype == torch.float32
+    assert (y - cases["decoded_1x128x160"].clamp(-1, 1)).abs().max() <= 1e-4  # the release decode, then clamped
+
+
+def test_qwen_image21_rgba_pixel_tensor_through_qvae(tmp_path, capsys):
+    """Qwen-Image 2.1 takes 4-channel (RGBA) frames, which image files do not give: a pixel tensor does."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(1, 4, 1, 64, 96, generator=g) * 2 - 1
+    pixels, z, out = tmp_path / "rgba.safetensors", tmp_path / "z.safetensors", tmp_path / "out.safetensors"
+    save_file({"pixels": x}, str(pixels))
+    spec = ["--vae", "random:qwen-image-2.1:tiny", "--tile", "48"]
+    assert _run(capsys, "encode", pixels, "-o", z, *spec)[0] == 0
+    assert _run(capsys, "decode", z, "-o", out, *spec)[0] == 0
+    vae = random_vae("qwen-image-2.1", tiny=True)
+    with torch.no_grad():
+        want_z = vae.encode(x).latent_dist.mode()
+        want_y = vae.decode(_latent(z)).sample
+    with safe_open(str(out), framework="pt") as f:
+        y = f.get_tensor("pixels")
+    assert (_latent(z) - want_z).abs().max() <= 1e-4 and (y - want_y).abs().max() <= 1e-4
+
+
+def test_pixel_tensor_of_a_shape_the_model_does_not_take(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"pixels": torch.zeros(1, 3, 6, 64, 64)}, str(bad))  # 6 frames: not 1 + 4k
+    code, _, err = _run(capsys, "encode", bad, "-o", tmp_path / "z.safetensors", "--vae", "random:wan2.2:tiny")
+    assert code == 2 and "error:" in err and "6 frames" in err and "Traceback" not in err
+    save_file({"pixels": torch.zeros(1, 3, 1, 64, 72)}, str(bad))
+    code, _, err = _run(capsys, "encode", bad, "-o", tmp_path / "z.safetensors", "--vae", "random:wan2.2:tiny",
+                        "--force")
+    assert code == 2 and "not multiples of 16" in err
+    save_file({"pixels": torch.zeros(1, 3, 64, 64, dtype=torch.int32)}, str(bad))
+    code, _, err = _run(capsys, "encode", bad, "-o", tmp_path / "z.safetensors", *SD, "--force")
+    assert code == 2 and "finite floats" in err
+
+
 # ----------------------------------------------------------------------------------- inspect / plot
 
 
@@ -400,6 +465,26 @@ def test_inspect_plan_and_plot(tmp_path, capsys):
     assert "over the input" in out and "decode with" not in out
     code, out, _ = _run(capsys, "inspect", "--size", "32", "--frames", "6", *WAN)
     assert "planning for 9" in out and "(1, 3, 9, 32, 32)" in out
+
+
+@pytest.mark.parametrize("spec,args,latent,tile", [
+    ("random:wan2.2:tiny", ("--frames", "5"), (1, 48, 2, 4, 6), 48),  # 16x spatial, 2x2 patchify
+    ("random:flux2:tiny", (), (1, 32, 8, 12), 32),
+])
+def test_inspect_plot_on_the_new_families(tmp_path, capsys, spec, args, latent, tile):
+    from quadtree_vae.plot import image_segment
+
+    plot = tmp_path / "layout.png"
+    code, out, err = _run(capsys, "inspect", "--size", "64x96", *args, "--vae", spec, "--tile", str(tile),
+                          "--plot", plot)
+    assert code == 0, err
+    assert f"-> latent {latent}" in out and "encode:" in out and "decode:" in out
+    p = qv.plan(random_vae(spec.split(":")[1], tiny=True), latent, tile=tile, op="decode")
+    idx, seg = image_segment(p)
+    assert seg.size_out == (64, 96)  # the plotted segment is the one at image resolution
+    assert f"wrote {plot}: decode segment {idx}, {len(seg.layout)} tiles" in out
+    im = Image.open(plot)
+    assert im.format == "PNG" and im.width >= 96 and im.height >= im.width * 64 // 96  # the frame, plus a caption
 
 
 def test_inspect_needs_a_size(capsys):

@@ -254,6 +254,91 @@ def test_wan_decode_returns_frames_as_the_batch(wan_vae, wan_fixture):
     assert diff(two[:1], single) < 1e-5
 
 
+# ------------------------------------------------------------------------------ Wan 2.2 / Flux.2
+
+
+@pytest.fixture(scope="module")
+def wan22_fixture():
+    return load("wan22-original-tiny")
+
+
+def test_wan22_nodes_match_the_fixture_and_the_untiled_model(wan22_fixture):
+    """ComfyUI's Wan 2.2 VAE (get_sd() = the release keys): 16x crop, the IMAGE batch is the clip."""
+    state, cases = wan22_fixture
+    vae = StandInVAE(state, latent_dim=3)
+    model = vae_from_state_dict(state)
+    clip = cases["video_9x128x160"]
+    pixels = to_image(clip[0].movedim(1, 0))  # 9 IMAGEs of 128x160
+    (latent,) = qc.QuadtreeVAEEncode().encode(pixels, vae, 48, 0.0, "exact", "error")
+    z = latent["samples"]
+    assert z.shape == (1, 8, 3, 8, 10)
+    assert diff(z, cases["mu_9x128x160"]) < TOL
+    with torch.no_grad():
+        assert diff(z, model.encode(clip).latent_dist.mode()) < 1e-4
+    # sizes not multiples of 16 are centre-cropped to them, as ComfyUI's VAE Encode does for Wan 2.2
+    one = to_image(cases["video_1x128x160"][:, :, 0])
+    padded = torch.nn.functional.pad(one.movedim(-1, 1), (5, 6, 1, 2), value=0.3).movedim(1, -1)  # 131x171
+    assert diff(qc.encode_image(vae, padded, tile_size=48), cases["mu_1x128x160"]) < TOL
+    (images,) = qc.QuadtreeVAEDecode().decode({"samples": cases["z_9x128x160"]}, vae, 48, 0.0, "exact", "error")
+    assert images.shape == (9, 128, 160, 3)
+    assert diff(images, to_image(cases["decoded_9x128x160"].clamp(-1, 1)[0].movedim(1, 0))) < TOL / 2
+    with torch.no_grad():
+        stock = model.decode(cases["z_9x128x160"]).sample
+    assert diff(images, to_image(stock[0].movedim(1, 0))) < 1e-4
+
+
+def flux2_comfy_state() -> dict[str, torch.Tensor]:
+    """What ComfyUI's Flux.2 VAE returns from get_sd(): ldm keys with the quant convs at the top level
+    (ComfyUI moves them out of encoder/decoder) plus the latent batch norm ``bn.*``."""
+    state = load_file(FIXTURES / "sd-ldm-tiny" / "model.safetensors")
+    folded = 4 * state["post_quant_conv.weight"].shape[0]
+    state["bn.running_mean"] = torch.linspace(-0.5, 0.7, folded)
+    state["bn.running_var"] = torch.linspace(0.3, 2.5, folded)
+    state["bn.num_batches_tracked"] = torch.tensor(11)
+    return state
+
+
+def flux2_pack(model, z: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's Flux.2 latent: diffusers' Flux2Pipeline fold, then the bn normalisation."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+
+    folded = Flux2Pipeline._patchify_latents(z)
+    return torch.nn.functional.batch_norm(folded, model.bn.running_mean, model.bn.running_var,
+                                          eps=model.config.batch_norm_eps)
+
+
+def flux2_unpack(model, packed: torch.Tensor) -> torch.Tensor:
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+
+    std = torch.sqrt(model.bn.running_var.view(1, -1, 1, 1) + model.config.batch_norm_eps)
+    return Flux2Pipeline._unpatchify_latents(packed * std + model.bn.running_mean.view(1, -1, 1, 1))
+
+
+def test_flux2_nodes_take_and_give_comfyuis_packed_latent():
+    state = flux2_comfy_state()
+    vae = StandInVAE(state, latent_dim=2)
+    model = vae_from_state_dict(state)
+    assert type(model).__name__ == "AutoencoderKLFlux2"
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.rand(2, 71, 103, 4, generator=g)  # RGBA, not multiples of 16: cropped to 64x96 at (3, 3)
+    (latent,) = qc.QuadtreeVAEEncode().encode(pixels, vae, TILE, 0.0, "exact", "error")
+    z = latent["samples"]
+    assert z.shape == (2, 16, 4, 6)  # 4 latent channels x 2x2 patch, 1/16 of the cropped image
+    x = pixels[:, 3:67, 3:99, :3].movedim(-1, 1) * 2 - 1
+    with torch.no_grad():
+        want = flux2_pack(model, model.encode(x).latent_dist.mode())
+    assert diff(z, want) < 1e-4
+    packed = torch.randn(1, 16, 4, 6, generator=g)
+    (images,) = qc.QuadtreeVAEDecode().decode({"samples": packed}, vae, TILE, 0.0, "exact", "error")
+    assert images.shape == (1, 64, 96, 3)
+    with torch.no_grad():
+        stock = model.decode(flux2_unpack(model, packed)).sample
+    assert diff(images, to_image(stock.clamp(-1, 1))) < 1e-4
+    assert diff(qc.decode_latent(vae, z[:1], tile_size=TILE, mode="fast"), qc.decode_latent(vae, z[:1])) < 1e-4
+    with pytest.raises(InvalidInputError, match="packed latent"):
+        qc.decode_latent(vae, torch.zeros(1, 4, 8, 12))  # the raw 4-channel latent is not what ComfyUI hands over
+
+
 # ------------------------------------------------------------------------------------ behaviour
 
 

@@ -411,3 +411,41 @@ def test_unexpected_arguments_run_untiled_with_a_warning(kl):
         assert calls == []  # the engine did not run
         kl.decode(z)
         assert calls  # and does on an ordinary call
+
+
+# ------------------------------------------------------------------- Wan 2.2, Qwen-Image 2.1, Flux.2
+
+
+def _hooked_equals_unhooked(vae, x, tile):
+    """encode and decode through qv.tiled == the unhooked model, and the engine ran tile by tile."""
+    with torch.no_grad():
+        ref = vae.encode(x).latent_dist
+        ref_y = vae.decode(ref.mode()).sample
+    calls, progress = counter()
+    with tiled(vae, tile=tile, progress=progress), torch.no_grad():
+        post = vae.encode(x).latent_dist
+        encode_runs = len(calls)
+        y = vae.decode(ref.mode()).sample
+    assert encode_runs > 2 and len(calls) > encode_runs + 2, "both calls must go through the engine, tile by tile"
+    assert max(total for _, total in calls) > 1
+    assert not is_enabled(vae)
+    assert max_diff(post.parameters, ref.parameters) < TOL
+    assert max_diff(y, ref_y) < TOL
+
+
+def test_wan22_matches_untiled():
+    from test_wan22 import wan22_tiny
+
+    _hooked_equals_unhooked(wan22_tiny(seed=6), video(1, 5, 48, 80, seed=4), tile=48)
+
+
+def test_qwen_image21_matches_untiled():
+    from test_wan22 import qwen21_tiny, rgba
+
+    _hooked_equals_unhooked(qwen21_tiny(seed=7), rgba(1, 48, 80, seed=5), tile=32)
+
+
+def test_flux2_matches_untiled(image):
+    from conftest import flux2_tiny
+
+    _hooked_equals_unhooked(flux2_tiny(seed=8), image[:1], tile=TILE)

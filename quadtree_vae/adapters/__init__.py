@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
@@ -37,3 +38,16 @@ def facts(vae: object) -> Facts:
     """Spatial and temporal factors, frame rule and channels of ``vae``, as its adapter states them."""
     family = adapter_for(vae)
     return family.facts(vae)
+
+
+def pack_latent(vae: object, z: torch.Tensor) -> torch.Tensor:
+    """``z`` as the family's pipelines hand latents around (Flux.2: 2x2-folded and batch-normalised);
+    unchanged for families without such a step (see :attr:`Facts.latent_patch`)."""
+    pack = getattr(adapter_for(vae), "pack_latent", None)
+    return pack(vae, z) if pack is not None else z
+
+
+def unpack_latent(vae: object, z: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_latent`: what the model's ``decode`` takes."""
+    unpack = getattr(adapter_for(vae), "unpack_latent", None)
+    return unpack(vae, z) if unpack is not None else z

@@ -22,6 +22,10 @@ class Facts:
     latent_channels: int
     patch_size: int = 1  # pixels per side the model folds into channels before its encoder (Wan 2.2: 2)
     max_frames: int | None = None  # the most frames a clip may have (Qwen-Image 2.1: 1); None: no limit
+    # latent pixels per side its pipelines fold into channels after the VAE (Flux.2: 2, with a batch norm;
+    # see the adapter's pack_latent); 1: none. Front ends that hand such packed latents around (ComfyUI)
+    # crop images to spatial_factor * latent_patch.
+    latent_patch: int = 1
 
     @property
     def temporal(self) -> bool:

@@ -37,9 +37,48 @@ def check(vae: nn.Module) -> None:
 
 
 def facts(vae: nn.Module) -> Facts:
-    """Image VAEs: 2x per level of blocks, 4-D tensors only."""
+    """Image VAEs: 2x per level of blocks, 4-D tensors only; Flux.2's pipelines fold 2x2 latents."""
     return Facts(type(vae).__name__, 2 ** (len(vae.config.block_out_channels) - 1), None,
-                 in_channels(vae), latent_channels(vae))
+                 in_channels(vae), latent_channels(vae), latent_patch=latent_patch(vae))
+
+
+def latent_patch(vae: nn.Module) -> int:
+    """Latent pixels per side Flux.2's pipelines fold into channels (``config.patch_size``); 1 for SD."""
+    if not isinstance(vae, AutoencoderKLFlux2):
+        return 1
+    patch = vae.config.patch_size
+    return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+
+def pack_latent(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The VAE's latent (B, C, h, w) as Flux.2's transformer takes it: 2x2 patches folded into
+    channels (channel-major, as diffusers' ``Flux2Pipeline._patchify_latents`` and the original
+    ``ae.encode`` fold them), then normalised by the model's ``bn`` running statistics. Identity for SD."""
+    p = latent_patch(vae)
+    if p == 1:
+        return z
+    b, c, h, w = z.shape
+    packed = z.reshape(b, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4).reshape(b, c * p * p, h // p, w // p)
+    mean, std = _bn_moments(vae, packed)
+    return (packed - mean) / std
+
+
+def unpack_latent(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_latent`: a packed, normalised Flux.2 latent back to what ``decode`` takes."""
+    p = latent_patch(vae)
+    if p == 1:
+        return z
+    mean, std = _bn_moments(vae, z)
+    b, c, h, w = z.shape
+    z = z * std + mean
+    return z.reshape(b, c // (p * p), p, p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // (p * p), h * p, w * p)
+
+
+def _bn_moments(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent batch norm's running mean and std (with its eps), shaped and typed like ``like``."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
 
 
 def in_channels(vae: nn.Module) -> int:
