@@ -85,8 +85,10 @@ _PREFIX_PREFERENCE = ("", "first_stage_model.", "vae.")
 _WAN_NAMESPACES = ("encoder.", "decoder.", "conv1.", "conv2.")
 _LDM_NAMESPACES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")  # bn: Flux.2
 # The constructor arguments that a refusal names, so the user sees what was read off the weights.
-_SUMMARY_KEYS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "block_out_channels", "layers_per_block")
-_SUMMARY_KEYS += ("latent_channels", "norm_num_groups", "use_quant_conv", "mid_block_add_attention")
+_SUMMARY_KEYS = (
+    "base_dim", "z_dim", "dim_mult", "num_res_blocks", "block_out_channels", "layers_per_block",
+    "latent_channels", "norm_num_groups", "use_quant_conv", "mid_block_add_attention",
+)
 
 
 # --------------------------------------------------------------------------------------------------
