@@ -54,8 +54,13 @@ _LEVEL = re.compile(r"^(encoder|decoder)\.(?:down|up)samples\.(\d+)\.(?:down|up)
 
 
 def is_wan22(sd: Mapping[str, Any]) -> bool:
-    """Whether Wan-layout keys are the nested Wan 2.2 ones."""
-    return any(WAN22_NESTED.match(k) for k in sd)
+    """Whether Wan-layout weights are Wan 2.2's: nested level keys, a patchified first conv
+    (3 x 2^2 input channels) or a 48-channel latent (the encoder head gives mean and log-variance)."""
+    if any(WAN22_NESTED.match(k) for k in sd):
+        return True
+    conv_in, head = sd.get("encoder.conv1.weight"), sd.get("encoder.head.2.weight")
+    patchified = conv_in is not None and conv_in.ndim == 5 and conv_in.shape[1] == IMAGE_CHANNELS * 4
+    return patchified or (head is not None and head.shape[0] == 2 * 48)
 
 
 def _block_part(rest: str) -> str:
@@ -134,9 +139,7 @@ def wan22_config(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> 
     """
 
     def need(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise LoadError(f"{source}: Wan 2.2 weights lack {key!r}, which is needed to infer the architecture")
-        return sd[key]
+        return _need(sd, key, source, "Wan 2.2")
 
     conv_in, dec_head = need("encoder.conv1.weight"), need("decoder.head.2.weight")
     base_dim, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])

@@ -12,19 +12,26 @@ Users hold VAE weights in whatever layout their tool shipped. Each layout takes 
   read on its own: our key maps in :mod:`quadtree_vae.keymaps`;
 * ``random:ARCH[:tiny][:seed=N]``: seeded defaults from :mod:`quadtree_vae.archs`.
 
-For the release layouts the architecture is read off the tensor shapes (:mod:`quadtree_vae.keymaps`,
-starting from the shipped config of the arch), so shrunk test models load too, and the weights are
-then loaded with ``strict=True`` plus a check that the converter dropped no source key: a VAE with
-silently re-initialised weights would produce plausible but wrong images, which is worse than an
-error (diffusers' own single-file loader loads with ``strict=False``).
+Files are read by :mod:`quadtree_vae.checkpoints` (safetensors, or ``torch.load`` with
+``weights_only=True``). For the release layouts the architecture is read off the tensor shapes
+(:mod:`quadtree_vae.keymaps`, starting from the shipped config of the arch), so shrunk test models
+load too, and the weights are then loaded with ``strict=True`` plus a check that the converter
+dropped no source key: a VAE with silently re-initialised weights would produce plausible but wrong
+images, which is worse than an error.
+
+Why not diffusers' ``from_single_file(..., config=<shipped config>)``: it loads with
+``strict=False`` (a missing weight keeps its random init, an unused one is only logged), its
+converter's output is not returned, so no check can be run afterwards without converting twice;
+without ``accelerate`` (not a dependency) it randomly initialises the whole model first, 5-6x
+slower than building on the meta device here; and it does not take AutoencoderKLQwenImage or
+AutoencoderKLFlux2. We call the same converters it calls, and build the model ourselves.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,7 @@ from torch import nn
 
 from . import archs, keymaps
 from .archs import ARCH_ATTR, ARCHES, RANDOM_ATTR, describe, fingerprint, random_vae
+from .checkpoints import headline, read_state_dict, tensors_only
 from .errors import InvalidInputError, LoadError
 
 __all__ = [
@@ -76,9 +84,11 @@ _PREFIX_PREFERENCE = ("", "first_stage_model.", "vae.")
 # `loss.*` discriminator weights, EMA copies) is not part of the VAE and is dropped.
 _WAN_NAMESPACES = ("encoder.", "decoder.", "conv1.", "conv2.")
 _LDM_NAMESPACES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")  # bn: Flux.2
-
-_TORCH_EXTS = (".pt", ".pth", ".ckpt", ".bin")
-_WRAPPER_KEYS = ("state_dict", "model", "module")
+# The constructor arguments that a refusal names, so the user sees what was read off the weights.
+_SUMMARY_KEYS = (
+    "base_dim", "z_dim", "dim_mult", "num_res_blocks", "block_out_channels", "layers_per_block",
+    "latent_channels", "norm_num_groups", "use_quant_conv", "mid_block_add_attention",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,7 +135,7 @@ def load_vae(
     if p.name.startswith("diffusion_pytorch_model") and (p.parent / "config.json").is_file():
         # A diffusers weights file given alone: its keys only make sense with the folder's config.
         return _load_folder(p.parent, arch_, device_, dtype_)
-    state_dict = _read_state_dict(p)
+    state_dict = read_state_dict(p)
     return _build_from_state_dict(state_dict, arch_, str(p), device_, dtype_)
 
 
@@ -160,7 +170,7 @@ def detect_layout(state_dict: Mapping[str, Any]) -> str:
     and a ``first_stage_model.``/``vae.`` (or any other) prefix are looked through. Raises
     :class:`LoadError` when no known layout is found.
     """
-    tensors = _tensors_only(state_dict, "state dict")
+    tensors = tensors_only(state_dict, "state dict")
     family, prefix = _locate(tensors, "state dict")
     return _classify(family, _extract(tensors, family, prefix))
 
@@ -176,87 +186,6 @@ def parse_vae_spec(
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidInputError("--vae: expected random:ARCH[:tiny][:seed=N] or a path, got an empty value")
     return load_vae(spec.strip(), device, dtype, arch=arch)
-
-
-# --------------------------------------------------------------------------------------------------
-# reading files
-# --------------------------------------------------------------------------------------------------
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        obj: Any = _read_safetensors(path)
-    elif suffix in _TORCH_EXTS:
-        obj = _read_torch(path)
-    else:
-        raise LoadError(
-            f"{path}: unsupported file type {suffix or '(no extension)'!r}; expected .safetensors, "
-            f"{', '.join(_TORCH_EXTS)} or a diffusers folder"
-        )
-    return _tensors_only(obj, str(path))
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """safetensors checks the header itself (length, JSON, that the data covers every tensor) before
-    reading any tensor; its messages name what is wrong ("header too large", "incomplete metadata")."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except SafetensorError as e:
-        raise LoadError(f"{path}: not a readable safetensors file: {e}") from e
-
-
-def _read_torch(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = _unsafe_globals(path)
-        if unsafe:
-            raise LoadError(
-                f"{path}: refused: the pickle holds objects other than tensors and plain containers "
-                f"({', '.join(unsafe[:5])}), which are never unpickled here (weights_only=True). "
-                f"Re-save the weights as .safetensors from a trusted environment."
-            ) from e
-        # torch raises its advice about weights_only=False from inside the unpickler's own error.
-        inner = e.__context__ if isinstance(e.__context__, pickle.UnpicklingError) else e
-        raise LoadError(f"{path}: not a readable PyTorch checkpoint (corrupt pickle: {inner})") from e
-    except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors, ...
-        first_line = next(iter(str(e).strip().splitlines()), "")  # torch appends paragraphs of advice
-        raise LoadError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first_line})") from e
-
-
-def _unsafe_globals(path: Path) -> list[str]:
-    """The classes and functions a checkpoint's pickle names beyond what weights_only allows,
-    found by reading the opcodes, never by unpickling; [] when the file is not a torch.save zip."""
-    from torch.serialization import get_unsafe_globals_in_checkpoint
-
-    try:
-        return list(get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # a corrupt or legacy file: the caller reports the load error itself
-        return []
-
-
-def _tensors_only(obj: Any, source: str) -> dict[str, torch.Tensor]:
-    """Unwrap ``{"state_dict": ...}``-style containers and keep only the tensor entries."""
-    for _ in range(4):
-        if not isinstance(obj, Mapping):
-            break
-        if any(isinstance(v, torch.Tensor) for v in obj.values()):
-            break
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, Mapping):
-        raise LoadError(f"{source}: expected a mapping of names to tensors, found {type(obj).__name__}")
-    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if not tensors:
-        keys = ", ".join(map(repr, list(obj.keys())[:8]))
-        raise LoadError(f"{source}: no tensors found (top-level keys: {keys or 'none'})")
-    return tensors
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,25 +254,12 @@ def _extract(sd: Mapping[str, torch.Tensor], family: str, prefix: str) -> dict[s
 
 def _classify(family: str, vae_sd: Mapping[str, torch.Tensor]) -> str:
     if family == "wan":
-        if keymaps.is_wan22(vae_sd):
-            return "wan2.2"
-        conv_in = vae_sd.get("encoder.conv1.weight")
-        head = vae_sd.get("encoder.head.2.weight")
-        if (conv_in is not None and conv_in.ndim == 5 and conv_in.shape[1] == 12) or (
-            head is not None and head.shape[0] == 96
-        ):
-            return "wan2.2"  # patchified 12-channel input or a 48-channel latent
-        return "wan2.1"
+        return "wan2.2" if keymaps.is_wan22(vae_sd) else "wan2.1"
     if keymaps.is_flux2(vae_sd):
         return "flux2"
     if "quant_conv.weight" in vae_sd or "post_quant_conv.weight" in vae_sd:
         return "ldm"
     return "ldm-noquant"
-
-
-# --------------------------------------------------------------------------------------------------
-# config inference
-# --------------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,7 +274,7 @@ def _build_from_state_dict(
     device: torch.device | None,
     dtype: torch.dtype | None,
 ) -> nn.Module:
-    tensors = _tensors_only(state_dict, source)
+    tensors = tensors_only(state_dict, source)
     family, prefix = _locate(tensors, source)
     vae_sd = _extract(tensors, family, prefix)
     layout = _classify(family, vae_sd)
@@ -411,6 +327,21 @@ def _few(keys: list[str], n: int = 5) -> str:
     return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
 
+def _misfit(
+    missing: Iterable[str],
+    unexpected: list[str],
+    mismatched: Iterable[tuple[str, Sequence[int], Sequence[int]]],
+    errors: Sequence[str] = (),
+) -> str:
+    """What keeps weights from filling a model exactly, in words; "" when they fit."""
+    shapes = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in sorted(mismatched)]
+    groups = {"missing": sorted(missing), "unexpected": unexpected, "with other shapes (file vs model)": shapes}
+    parts = [f"{len(keys)} {label}: {_few(keys)}" for label, keys in groups.items() if keys]
+    if errors:
+        parts.append(f"errors: {_few(list(errors), 2)}")
+    return "; ".join(parts)
+
+
 def _instantiate(
     config: Mapping[str, Any],
     weights: Mapping[str, torch.Tensor],
@@ -426,24 +357,14 @@ def _instantiate(
     with torch.device("meta"):
         model = cls(**kwargs)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected)) + [f"{k} (original key, not mapped)" for k in unused]
-    mismatched = sorted(
-        f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in set(weights) & set(expected)
-        if tuple(weights[k].shape) != tuple(expected[k].shape)
+    misfit = _misfit(
+        set(expected) - set(weights),
+        sorted(set(weights) - set(expected)) + [f"{k} (original key, not mapped)" for k in unused],
+        [(k, w.shape, expected[k].shape) for k, w in weights.items() if k in expected and w.shape != expected[k].shape],
     )
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing: {_few(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {_few(unexpected)}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} with other shapes (file vs model): {_few(mismatched)}")
-        raise LoadError(
-            f"{source}: weights do not fit the inferred {cls.__name__} ({_config_summary(kwargs)}): {'; '.join(parts)}"
-        )
+    if misfit:
+        summary = ", ".join(f"{k}={kwargs[k]}" for k in _SUMMARY_KEYS if k in kwargs)
+        raise LoadError(f"{source}: weights do not fit the inferred {cls.__name__} ({summary}): {misfit}")
     if any(name not in expected for name, _ in model.named_buffers()):
         # A buffer the state dict does not restore would stay uninitialised: build for real.
         model = cls(**kwargs)
@@ -454,22 +375,6 @@ def _instantiate(
     model.load_state_dict(weights, strict=True)
     model.eval()
     return model
-
-
-def _config_summary(kwargs: Mapping[str, Any]) -> str:
-    keys = (
-        "base_dim",
-        "z_dim",
-        "dim_mult",
-        "num_res_blocks",
-        "block_out_channels",
-        "layers_per_block",
-        "latent_channels",
-        "norm_num_groups",
-        "use_quant_conv",
-        "mid_block_add_attention",
-    )
-    return ", ".join(f"{k}={kwargs[k]}" for k in keys if k in kwargs)
 
 
 @contextmanager
@@ -517,21 +422,16 @@ def _load_folder(path: Path, arch: str | None, device: torch.device | None, dtyp
         with _diffusers_quiet():
             model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
     except Exception as e:  # diffusers raises OSError/EnvironmentError/ValueError/RuntimeError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoadError(f"{folder}: diffusers could not load this {cls.__name__} folder: {first}") from e
-    parts = []
-    for label, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys")):
-        keys = sorted(map(str, info.get(key) or []))
-        if keys:
-            parts.append(f"{len(keys)} {label}: {_few(keys)}")
-    mism = info.get("mismatched_keys") or []
-    if mism:
-        parts.append(f"{len(mism)} with other shapes: {_few([str(m[0]) for m in mism])}")
-    errs = info.get("error_msgs") or []
-    if errs:
-        parts.append(f"errors: {_few([str(e) for e in errs], 2)}")
-    if parts:
-        raise LoadError(f"{folder}: weights do not fit config.json ({cls.__name__}): {'; '.join(parts)}")
+        why = headline(e) or type(e).__name__
+        raise LoadError(f"{folder}: diffusers could not load this {cls.__name__} folder: {why}") from e
+    misfit = _misfit(
+        map(str, info.get("missing_keys") or []),
+        sorted(str(k) for k in info.get("unexpected_keys") or []),
+        info.get("mismatched_keys") or [],
+        [str(e) for e in info.get("error_msgs") or []],
+    )
+    if misfit:
+        raise LoadError(f"{folder}: weights do not fit config.json ({cls.__name__}): {misfit}")
     archs.place(model, device, dtype or torch.float32)
     model.eval()
     setattr(model, archs.ARCH_ATTR, arch or archs.guess_arch(model))

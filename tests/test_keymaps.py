@@ -51,6 +51,14 @@ def test_wan22_under_a_prefix_and_from_a_state_dict(wan22_file_vae):
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), wan22_file_vae.state_dict().values()))
 
 
+def test_wan22_is_told_by_nested_keys_patchified_input_or_wide_latent():
+    wan21 = load_file(FIXTURES / "wan21-original-tiny" / "model.safetensors")
+    assert not keymaps.is_wan22(wan21)
+    assert keymaps.is_wan22(load_file(WAN22 / "model.safetensors"))
+    assert keymaps.is_wan22(dict(wan21, **{"encoder.conv1.weight": torch.zeros(8, 12, 3, 3, 3)}))
+    assert keymaps.is_wan22(dict(wan21, **{"encoder.head.2.weight": torch.zeros(96, 8, 3, 3, 3)}))
+
+
 def test_wan22_unknown_or_missing_keys_are_refused():
     sd = load_file(WAN22 / "model.safetensors")
     extra = dict(sd, **{"encoder.downsamples.1.downsamples.0.residual.9.weight": torch.zeros(1)})

@@ -19,6 +19,7 @@ import torch
 from conftest import FIXTURES
 from safetensors.torch import load_file, save_file
 
+from quadtree_vae.checkpoints import headline
 from quadtree_vae.errors import InvalidInputError, LoadError
 from quadtree_vae.loading import (
     ARCH_ATTR,
@@ -228,6 +229,18 @@ def test_diffusers_folder_with_missing_weight_is_refused(tmp_path):
         load_vae(tmp_path)
 
 
+def test_diffusers_folder_with_wrong_shape_names_the_key_and_shapes(tmp_path):
+    random_vae("sd", tiny=True).save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(weights))
+    sd["decoder.conv_in.bias"] = torch.zeros(7)
+    save_file(sd, str(weights))
+    # diffusers lists the details under a heading line: the message carries the first of them
+    with pytest.raises(LoadError, match=r"size mismatch for decoder\.conv_in\.bias.*\[7\]") as err:
+        load_vae(tmp_path)
+    assert isinstance(err.value.__cause__, RuntimeError)
+
+
 def test_folder_arch_must_fit_class(tmp_path):
     random_vae("wan2.1", tiny=True).save_pretrained(tmp_path)
     with pytest.raises(InvalidInputError, match="AutoencoderKLWan"):
@@ -354,6 +367,14 @@ def test_corrupt_and_unknown_files(tmp_path):
     torch.save({"epoch": 1}, empty)
     with pytest.raises(LoadError, match="empty.pt.*no tensors"):
         load_vae(empty)
+
+
+def test_error_headline_keeps_the_first_detail_under_a_heading():
+    assert headline(RuntimeError("Error(s) in loading:\n\tsize mismatch for a.b\n\tmore advice")) == (
+        "Error(s) in loading: size mismatch for a.b"
+    )
+    assert headline(RuntimeError("bad magic number\n\nlong advice paragraph")) == "bad magic number"
+    assert headline(EOFError()) == ""
 
 
 def test_directory_without_config(tmp_path):
