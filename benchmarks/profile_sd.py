@@ -9,6 +9,7 @@ comes from). The model is bench.py's SD-1.x-size ``AutoencoderKL`` with seeded r
     python benchmarks/profile_sd.py --size 512 1024 --methods untiled exact fast
     python benchmarks/profile_sd.py --threads 1 --cpu-time  # steadier when other work shares the CPU
     python benchmarks/profile_sd.py --profile encode        # top functions of one exact call
+    python benchmarks/profile_sd.py --threads 1 --ops encode --op-profile  # self CPU per op, untiled vs exact
 """
 
 from __future__ import annotations
@@ -66,6 +67,31 @@ def profile(vae, op: str, size: int, top: int) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
+def op_profile(vae, op: str, size: int, methods: list[str], top: int) -> None:
+    """Self CPU time per aten op (torch.profiler) of one call of each method, side by side: where the
+    extra time of a tiled run goes (copies, reductions, normalisation) next to the shared convolutions."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    x = make_input(op, shape_of(op, size), "cpu")
+    table: dict[str, dict[str, tuple[float, int]]] = {}
+    for m in methods:
+        fn = method_fn(vae, op, m, TILE)
+        fn(make_input(op, shape_of(op, 64), "cpu"))
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn(x)
+        table[m] = {e.key: (e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()}
+    totals = {m: sum(s for s, _ in ops.values()) for m, ops in table.items()}
+    keys = sorted({k for ops in table.values() for k in ops}, key=lambda k: -max(t[k][0] for t in table.values()
+                                                                                    if k in t))
+    print(f"\n{op} {size}: self CPU seconds per op (calls)\n")
+    print("| op | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods))
+    for k in keys[:top]:
+        cells = [f"{table[m][k][0]:.3f} ({table[m][k][1]})" if k in table[m] else "-" for m in methods]
+        print(f"| {k} | " + " | ".join(cells) + " |")
+    print("| total | " + " | ".join(f"{totals[m]:.3f}" for m in methods) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ops", nargs="+", default=["encode", "decode"], choices=["encode", "decode"])
@@ -76,6 +102,8 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true",
                     help="process CPU time instead of wall time: steadier on a busy machine (best with --threads 1)")
     ap.add_argument("--profile", choices=["encode", "decode"], help="cProfile one exact call instead")
+    ap.add_argument("--op-profile", action="store_true",
+                    help="self CPU time per aten op (torch.profiler) of each method, one call each")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,6 +111,11 @@ def main() -> None:
     with torch.no_grad():
         if args.profile:
             return profile(vae, args.profile, args.size[0], args.top)
+        if args.op_profile:
+            for size in args.size:
+                for op in args.ops:
+                    op_profile(vae, op, size, args.methods, args.top)
+            return
         clock = time.process_time if args.cpu_time else time.perf_counter
         kind = "CPU" if args.cpu_time else "wall"
         print(f"{args.threads} threads, tile {TILE}, {kind} seconds, min of {args.repeats} interleaved runs\n")
