@@ -89,6 +89,7 @@ def encode_frames(
     window: int | None = None,
     length: int | None = None,
     output_device: torch.device | str | None = None,
+    progress: Progress | None = None,
     plan: Plan | None = None,
 ) -> Iterator[torch.Tensor]:
     """Encode a stream of pixel chunks, yielding latent frames (B, C, t, h, w) as they finish.
@@ -98,12 +99,12 @@ def encode_frames(
     what the model needs. Together the yielded latents equal ``vae.encode(x).latent_dist.mode()``
     of the concatenated clip. ``frames`` says what happens when the stream does not end on 1 + 4k
     frames (see the module docstring). ``length``, the expected frame count, only sizes the plan
-    (default: 81 frames); ``window`` as in :func:`decode_frames`; other options as in
-    :func:`quadtree_vae.encode`.
+    (default: 81 frames) and the ``progress`` total; ``window`` as in :func:`decode_frames`; other
+    options as in :func:`quadtree_vae.encode`.
     """
     family, facts = _video_family(vae, "encode_frames")
     name = facts.name
-    opts = Options(tile, budget, mode, frames, output_device=output_device, plan=plan)
+    opts = Options(tile, budget, mode, frames, output_device=output_device, progress=progress, plan=plan)
     net = _network(family, vae, "encode", opts.mode)
     source = iter(chunks)
     first = next(source, None)
@@ -117,7 +118,7 @@ def encode_frames(
     out_device = opts.output_device if opts.output_device is not None else first.device
     with _upcast(vae) as dtype:
         plan = _stream_plan(vae, net, facts, "encode", shape, opts, dtype, window, same_length=False)
-        run = _run(vae, plan, out_device, lambda: None)
+        run = _run(vae, plan, out_device, _ticker(plan, net, t_plan, opts.progress))
         pixels = _model_chunks(net, _frames_of(facts, first, source), frames, facts)
         timed = (c.to(dtype) for c in pixels)
         yield from _checked(_no_grad(stream(net, plan.segments, timed, run)), name, "encode", dtype)
