@@ -21,7 +21,7 @@ short clip of random latents at the same size and compares their whole peak resi
     python benchmarks/memory_bench.py                          # the table (hours on 2 busy CPU cores)
     python benchmarks/memory_bench.py --ops decode --frames 3,11 --methods untiled,ours
     python benchmarks/memory_bench.py --clip-rss               # 241 vs 41 frames, 128x128
-    python benchmarks/memory_bench.py --clip-rss --vae random:wan2.1:tiny --size 256
+    python benchmarks/memory_bench.py --clip-rss --vae random:wan2.1:tiny --tile 0
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def clip_rss(args: argparse.Namespace) -> None:
     """Peak resident set of ``qvae decode`` for a long and a short clip, less the latent tensor."""
     short, long = (int(n) for n in args.clip_frames.split(","))
     rows = []
-    print(f"qvae decode -> .mp4, {args.vae}, {args.size}x{args.size}, tile {args.tile}, "
+    print(f"qvae decode -> .mp4, {args.vae}, {args.size}x{args.size}, tile {args.tile or 'auto'}, "
           f"budget {args.budget or 'none'}\n")
     print("| frames | latent | latent bytes | peak RSS | peak RSS less latent | seconds (busy machine) |")
     print("|---|---|---|---|---|---|", flush=True)
@@ -180,7 +180,8 @@ def clip_rss(args: argparse.Namespace) -> None:
             latent = Path(tmp) / f"z{frames}.safetensors"
             nbytes = save_random_latent(latent, shape)
             cmd = [sys.executable, "-m", "quadtree_vae", "decode", str(latent), "-o", str(Path(tmp) / "out.mp4"),
-                   "--vae", args.vae, "--tile", str(args.tile), "-q", "--force"]
+                   "--vae", args.vae, "-q", "--force"]
+            cmd += ["--tile", str(args.tile)] if args.tile else []
             cmd += ["--budget", args.budget] if args.budget else []
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -206,7 +207,8 @@ def main() -> None:
     ap.add_argument("--frames", default="3,11,21,31", help="latent lengths T (pixel frames 1 + 4(T-1))")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--size", type=int, default=128, help="frame side in pixels (default %(default)s)")
-    ap.add_argument("--tile", type=int, default=64, help="tile of ours and of diffusers' tiling (default %(default)s)")
+    ap.add_argument("--tile", type=int, default=64, help="tile of ours and of diffusers' tiling (default %(default)s; "
+                                                             "0: qvae's own, --clip-rss only)")
     ap.add_argument("--budget", default=None, help="budget for ours and qvae, e.g. 1GB (default: none)")
     ap.add_argument("--clip-rss", action="store_true", help="qvae decode of a long vs a short clip")
     ap.add_argument("--clip-frames", default="41,241", help="short,long pixel frames for --clip-rss")

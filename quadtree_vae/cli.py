@@ -420,16 +420,7 @@ def cmd_decode(args, out: Console) -> int:
     try:
         frames = latents.restored(_decoded(vae, z, args, plan, info["facts"].temporal, bar), meta,
                                   _decoded_count(z, info), out)
-        if video:  # each finished frame goes into the file at once
-            written = 0
-            with media.video_writer(dest, fps, args.force) as write:
-                for chunk in frames:
-                    write(chunk)
-                    written, size = written + chunk.shape[0], chunk.shape[1:3]
-        else:
-            image = np.concatenate(list(frames))
-            media.write_media(dest, image, None, force=args.force)
-            written, size = image.shape[0], image.shape[1:3]
+        written, size = _write_frames(dest, frames, fps if video else None, args.force)
     finally:
         bar.close()
     out.note(f"wrote {dest}: {_describe_frames(written, *size, fps if video else None)} "
@@ -449,6 +440,22 @@ def _decoded(vae, z: torch.Tensor, args, plan, temporal: bool, bar: TileBar) -> 
         else:
             opts = replace(_options(args), progress=bar.part(k), plan=plan)
             yield latents.frames_of(api.run_tiled("decode", vae, z[k:k + 1], opts), temporal)
+
+
+def _write_frames(dest: Path, frames: Iterator[np.ndarray], fps: Fraction | None,
+                  force: bool) -> tuple[int, tuple[int, int]]:
+    """Write chunks of frames to a video as they come (``fps`` given), or to an image; returns the
+    frame count and size written."""
+    if fps is None:
+        image = np.concatenate(list(frames))
+        media.write_media(dest, image, None, force=force)
+        return image.shape[0], image.shape[1:3]
+    written = 0
+    with media.video_writer(dest, fps, force) as write:
+        for chunk in frames:
+            write(chunk)
+            written, size = written + chunk.shape[0], chunk.shape[1:3]
+    return written, size
 
 
 def _decoded_count(z: torch.Tensor, info: dict) -> int:
