@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, adapters, api, dataset, demo, latents, media
+from . import __version__, adapters, api, dataset, demo, latents, media, stream
 from .console import RANDOM_NOTE, Console, TileBar, progress_enabled
 from .errors import InvalidInputError, QuadtreeVAEError
 from .fitting import FITS, fit_pixels, fitted_size, frames_to_add
@@ -311,29 +311,51 @@ def _load_source(args, out: Console, command: str):
 
     Returns (path, media, vae, info, model input, metadata, frames as shown to the model).
     """
+    src_path, src, vae, info = _open_source(args, out, command)
+    if src is None:
+        src = media.read_media(src_path, deep=True)
+    x, meta, shown = latents.model_input(src, args, info, src_path.name, out)
+    return src_path, src, vae, info, x, meta, shown
+
+
+def _open_source(args, out: Console, command: str, lazy: bool = False):
+    """(path, media, vae, info): the input checked and the VAE loaded. With ``lazy``, a video for a
+    video VAE is only probed (it is encoded as it is read) and media is None; anything else is read
+    whole, before the model is loaded (16-bit greyscale keeps its 16 bits into the model)."""
     src_path = media.check_input(args.input)
-    if media.kind_of(src_path) == "latent":
+    kind = media.kind_of(src_path)
+    if kind == "latent":
         raise InvalidInputError(f"{src_path} is a latent file; {command} takes an image or a video "
                                 "(use 'qvae decode' for latents)")
     _options(args)
-    src = media.read_media(src_path, deep=True)  # 16-bit greyscale keeps its 16 bits into the model
+    if kind == "video":
+        media.probe_video(src_path)  # a file FFmpeg cannot read is refused before the model loads
+        vae, info = _load(args, out)
+        streams = lazy and info["facts"].temporal
+        return src_path, None if streams else media.read_media(src_path), vae, info
+    src = media.read_media(src_path, deep=True)
     vae, info = _load(args, out)
-    x, meta, shown = latents.model_input(src, args, info, src_path.name, out)
-    return src_path, src, vae, info, x, meta, shown
+    return src_path, src, vae, info
 
 
 def cmd_encode(args, out: Console) -> int:
     dest = media.check_output(args.output, args.force, (media.LATENT_EXT,), inputs=(args.input,))
     if media.holds_pixels(args.input):
         return _encode_tensor(args, dest, out)
-    src_path, src, vae, info, x, meta, _ = _load_source(args, out, "encode")
-    plan = _plan_for(vae, "encode", x.shape, args)  # validates tile/budget/shape before the heavy work
+    src_path, src, vae, info = _open_source(args, out, "encode", lazy=True)
     t0 = time.perf_counter()
-    z = _run_items("encode", vae, x, args, plan)
+    if src is None:
+        z, meta, size = _encode_video(vae, info, src_path, args, out)
+    else:
+        x, meta, _ = latents.model_input(src, args, info, src_path.name, out)
+        plan = _plan_for(vae, "encode", x.shape, args)  # validates tile/budget/shape before the heavy work
+        t0 = time.perf_counter()
+        z = _run_items("encode", vae, x, args, plan)
+        size = src.size
     meta = {**latents.metadata(info, z, args, src_path), **meta}
     media.save_latent(dest, z, meta, force=args.force)
-    what = _encoded_frames(meta) if src.is_video else "image"
-    out.note(f"wrote {dest}: latent {tuple(z.shape)} {meta['dtype']} from {what} {src.size[0]}x{src.size[1]}"
+    what = _encoded_frames(meta) if meta["kind"] == "video" else "image"
+    out.note(f"wrote {dest}: latent {tuple(z.shape)} {meta['dtype']} from {what} {size[0]}x{size[1]}"
              + (f" at {meta['fps']} fps" if "fps" in meta else "") + f" [{time.perf_counter() - t0:.1f} s]")
     _say_random(info, out)
     return 0
@@ -353,6 +375,38 @@ def _encode_tensor(args, dest: Path, out: Console) -> int:
     out.note(f"wrote {dest}: latent {tuple(z.shape)} from pixels {tuple(x.shape)} [{time.perf_counter() - t0:.1f} s]")
     _say_random(info, out)
     return 0
+
+
+def _encode_video(vae, info: dict, path: Path, args, out: Console) -> tuple[torch.Tensor, dict, tuple[int, int]]:
+    """Encode a video as it is read (chunks of frames from PyAV through ``qv.encode_frames``), so
+    only the latents grow with the clip. The frame rule needs the count up front: the container's
+    (or its packets'), checked before the model runs; the metadata records the frames actually read.
+
+    Returns (latents, metadata, frame size).
+    """
+    (h, w), count, fps = media.probe_video(path)
+    fit = latents.input_fitting(h, w, count, fps, True, args, info, path.name)
+    for n in fit.notes:
+        out.note(n)
+    plan = _plan_for(vae, "encode", (1, 3, count + fit.added, *fit.size), args)
+    seen = 0
+
+    def pixels():
+        nonlocal seen
+        for frames in media.video_chunks(path, info["facts"].temporal_factor):
+            seen += frames.shape[0]
+            yield latents.to_clip(fit.pixels(frames))
+
+    bar = TileBar("encode", progress_enabled(args))
+    try:
+        parts = list(stream.encode_frames(vae, pixels(), args.tile, args.budget, args.mode,
+                                          frames=args.frames or "error", length=count + fit.added,
+                                          output_device="cpu", progress=bar.part(0), plan=plan))
+    finally:
+        bar.close()
+    if seen != count:  # the container's count was off: record what was encoded
+        fit = latents.input_fitting(h, w, seen, fps, True, args, info, path.name)
+    return torch.cat(parts, dim=2), fit.meta, (h, w)
 
 
 def _encoded_frames(meta: dict) -> str:
@@ -378,34 +432,72 @@ def cmd_decode(args, out: Console) -> int:
         out.note(n)
     vae, info = _load(args, out)
     latents.check_decodable(z, meta, info, src, dest, out)
-    temporal = info["facts"].temporal
     plan = _plan_for(vae, "decode", z.shape, args)
+    video = dest.suffix.lower() in media.VIDEO_WRITE
     fps = args.fps or media.fps_from_meta(media.meta_value(meta, "fps"))
-    if dest.suffix.lower() in media.VIDEO_WRITE and fps is None:
+    if video and fps is None:
         fps = media.DEFAULT_FPS
         out.note(f"no frame rate in {src.name}: writing {fps} fps (set one with --fps)")
     t0 = time.perf_counter()
-    y = _run_items("decode", vae, z, args, plan)
     if dest.suffix.lower() == media.LATENT_EXT:  # the decoder's float output as it is (no 8-bit step, no --fit undo)
+        y = _run_items("decode", vae, z, args, plan)
         media.save_pixels(dest, y, {"vae": info["spec"], "source": src.name}, force=args.force)
         out.note(f"wrote {dest}: pixels {tuple(y.shape)} {str(y.dtype).removeprefix('torch.')} "
                  f"[{time.perf_counter() - t0:.1f} s]")
         _say_random(info, out)
         return 0
-    frames = latents.restore(latents.frames_of(y, temporal), meta, out)
-    media.write_media(dest, frames, fps, force=args.force)
-    out.note(f"wrote {dest}: {_describe_frames(frames, fps if dest.suffix.lower() in media.VIDEO_WRITE else None)} "
+    bar = TileBar("decode", progress_enabled(args), parts=z.shape[0])
+    try:
+        frames = latents.restored(_decoded(vae, z, args, plan, info["facts"].temporal, bar), meta,
+                                  _decoded_count(z, info), out)
+        written, size = _write_frames(dest, frames, fps if video else None, args.force)
+    finally:
+        bar.close()
+    out.note(f"wrote {dest}: {_describe_frames(written, *size, fps if video else None)} "
              f"[{time.perf_counter() - t0:.1f} s]")
     _say_random(info, out)
     return 0
+
+
+def _decoded(vae, z: torch.Tensor, args, plan, temporal: bool, bar: TileBar) -> Iterator[np.ndarray]:
+    """Decoded (t, H, W, 3) uint8 frames as they finish, item by item over the batch: a latent
+    video window by window (``qv.decode_frames``), anything else one item at a time."""
+    for k in range(z.shape[0]):
+        if temporal and z.dim() == 5:
+            for y in stream.decode_frames(vae, z[k:k + 1], args.tile, args.budget, args.mode, output_device="cpu",
+                                          progress=bar.part(k), plan=plan):
+                yield latents.frames_of(y, temporal)
+        else:
+            opts = replace(_options(args), progress=bar.part(k), plan=plan)
+            yield latents.frames_of(api.run_tiled("decode", vae, z[k:k + 1], opts), temporal)
+
+
+def _write_frames(dest: Path, frames: Iterator[np.ndarray], fps: Fraction | None,
+                  force: bool) -> tuple[int, tuple[int, int]]:
+    """Write chunks of frames to a video as they come (``fps`` given), or to an image; returns the
+    frame count and size written."""
+    if fps is None:
+        image = np.concatenate(list(frames))
+        media.write_media(dest, image, None, force=force)
+        return image.shape[0], image.shape[1:3]
+    written = 0
+    with media.video_writer(dest, fps, force) as write:
+        for chunk in frames:
+            write(chunk)
+            written, size = written + chunk.shape[0], chunk.shape[1:3]
+    return written, size
+
+
+def _decoded_count(z: torch.Tensor, info: dict) -> int:
+    """Frames a decode of ``z`` gives, before undoing the encode's padding."""
+    return z.shape[0] * (info["facts"].image_frames(z.shape[2]) if z.dim() == 5 else 1)
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _describe_frames(frames: np.ndarray, fps: Fraction | None) -> str:
-    t, h, w = frames.shape[:3]
+def _describe_frames(t: int, h: int, w: int, fps: Fraction | None) -> str:
     if t == 1 and fps is None:
         return f"image {h}x{w}"
     return f"{_plural(t, 'frame')} {h}x{w}" + (f" at {fps} fps" if fps else "")
@@ -429,7 +521,7 @@ def cmd_roundtrip(args, out: Console) -> int:
     fps = src.fps if src.is_video else None
     media.write_media(dest, frames, fps, force=args.force)
     p, s = psnr(shown, frames), ssim(shown, frames)
-    out.note(f"wrote {dest}: {_describe_frames(frames, fps)}; latent {tuple(z.shape)} "
+    out.note(f"wrote {dest}: {_describe_frames(*frames.shape[:3], fps)}; latent {tuple(z.shape)} "
              f"[encode {t1 - t0:.1f} s, decode {t2 - t1:.1f} s]")
     out.result(f"PSNR {p:.2f} dB  SSIM {s:.4f}  ({_plural(frames.shape[0], 'frame')}, 8-bit RGB, before the "
                f"output file's codec)")

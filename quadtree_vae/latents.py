@@ -4,6 +4,9 @@ metadata that records the fitting), the checks before decoding one, and undoing 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -17,51 +20,85 @@ from .fitting import fit_pixels, fitted_size, frame_note, frames_to_add
 VERSION = "1"
 
 
-def model_input(src: media.Media, args, info: dict, what: str, out: Console):
-    """Fit the pixels for the model: returns (x, meta, shown) where ``x`` is the model input
-    (B, 3, [T,] H, W) in [-1, 1] on CPU, ``meta`` the latent metadata about the input and ``shown``
-    the (T, H, W, 3) uint8 frames a decode of ``x`` should reproduce (after fit/trim, without padding).
-    16-bit pixels go into ``x`` with all their bits; ``shown`` is rounded to 8 bits, as decode writes."""
+@dataclass
+class Fitting:
+    """How an input's pixels become the model input: its metadata, the notes that say so, and what
+    to do to each frame (``size``/``offset`` as :func:`~quadtree_vae.fitting.fitted_size` gives) and
+    to the frame count (``added`` frames: > 0 padded, < 0 trimmed)."""
+
+    size: tuple[int, int]
+    offset: tuple[int, int]
+    crop: bool
+    added: int
+    meta: dict
+    notes: list[str]
+
+    def pixels(self, frames: np.ndarray) -> np.ndarray:
+        """(t, H, W, 3) frames cropped or padded to the model's size; chunk by chunk works as well."""
+        return fit_pixels(frames, self.size, self.offset)
+
+    def shown(self, frames: np.ndarray) -> np.ndarray:
+        """The frames a decode should reproduce: cropped as encoded, but without padding."""
+        return fit_pixels(frames, self.size, self.offset) if self.crop else frames
+
+
+def input_fitting(h: int, w: int, t: int, fps: Fraction | None, is_video: bool, args, info: dict,
+                  what: str) -> Fitting:
+    """The fitting of a ``t``-frame ``h`` x ``w`` input (refused as ``--fit`` / ``--frames`` say)."""
     facts = info["facts"]
-    frames = src.frames
-    t, h, w = frames.shape[:3]
-    size, offset, notes = fitted_size(h, w, info["facts"].spatial_factor, args.fit, what)
-    meta: dict = {"kind": "video" if src.is_video else "image", "source_size": [h, w]}
+    size, offset, notes = fitted_size(h, w, facts.spatial_factor, args.fit, what)
+    meta: dict = {"kind": "video" if is_video else "image", "source_size": [h, w]}
+    crop = size != (h, w) and args.fit == "crop"
     if size != (h, w):
         meta["fit"] = args.fit
-        if args.fit == "crop":
-            frames = fit_pixels(frames, size, offset)
+        if crop:
             meta["crop_offset"] = list(offset)
-    shown = frames
-    frames = fit_pixels(frames, size, offset)
     meta["image_size"] = list(size)
     meta["frames"] = t
-    if src.fps is not None:
-        meta["fps"] = str(src.fps)
+    if fps is not None:
+        meta["fps"] = str(fps)
+    added = 0
     if facts.temporal:
         added = frames_to_add(facts, t, args.frames, what, "--frames {}")
         if added:
             notes.append(frame_note(t, added))
         if added < 0:
-            frames, shown = frames[:added], shown[:added]
             meta["frames_trimmed"] = -added
         elif added > 0:
-            frames = np.concatenate([frames, np.repeat(frames[-1:], added, axis=0)])
             meta["frames_padded"] = added
-        meta["frames_encoded"] = t + added
-        x = media.to_tensor(frames).permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, T, H, W)
     else:
-        if src.is_video:
+        if is_video:
             notes.append(f"{info['class']} is a 2-D (image) VAE: encoding the {t} frames one by one as a batch "
                          f"of images (no temporal compression)")
             meta["frames_as_batch"] = True
         if args.frames not in (None, "error"):
             notes.append(f"--frames {args.frames} does not apply to a 2-D VAE (any frame count works)")
-        meta["frames_encoded"] = t
-        x = media.to_tensor(frames)  # (T, 3, H, W): a batch of images
-    for n_ in notes:
+    meta["frames_encoded"] = t + added
+    return Fitting(size, offset, crop, added, meta, notes)
+
+
+def model_input(src: media.Media, args, info: dict, what: str, out: Console):
+    """Fit the pixels for the model: returns (x, meta, shown) where ``x`` is the model input
+    (B, 3, [T,] H, W) in [-1, 1] on CPU, ``meta`` the latent metadata about the input and ``shown``
+    the (T, H, W, 3) uint8 frames a decode of ``x`` should reproduce (after fit/trim, without padding).
+    16-bit pixels go into ``x`` with all their bits; ``shown`` is rounded to 8 bits, as decode writes."""
+    t, h, w = src.frames.shape[:3]
+    fit = input_fitting(h, w, t, src.fps, src.is_video, args, info, what)
+    frames, shown = fit.pixels(src.frames), fit.shown(src.frames)
+    if fit.added < 0:
+        frames, shown = frames[:fit.added], shown[:fit.added]
+    elif fit.added > 0:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], fit.added, axis=0)])
+    # a video VAE takes one (1, 3, T, H, W) clip, an image VAE the frames as a batch (T, 3, H, W)
+    x = to_clip(frames) if info["facts"].temporal else media.to_tensor(frames)
+    for n_ in fit.notes:
         out.note(n_)
-    return x, meta, media.to_8bit(shown)
+    return x, fit.meta, media.to_8bit(shown)
+
+
+def to_clip(frames: np.ndarray) -> torch.Tensor:
+    """(t, H, W, 3) pixels -> a (1, 3, t, H, W) model input chunk in [-1, 1]."""
+    return media.to_tensor(frames).permute(1, 0, 2, 3).unsqueeze(0)
 
 
 def tensor_input(x: torch.Tensor, info: dict, name: str) -> dict:
@@ -117,15 +154,27 @@ def frames_of(y: torch.Tensor, temporal: bool) -> np.ndarray:
 
 def restore(frames: np.ndarray, meta: dict, out: Console) -> np.ndarray:
     """Undo what encode added: padded frames and padded borders (as the metadata records)."""
+    return np.concatenate(list(restored([frames], meta, frames.shape[0], out)))
+
+
+def restored(chunks: Iterable[np.ndarray], meta: dict, count: int, out: Console) -> Iterator[np.ndarray]:
+    """:func:`restore` for decoded frames that arrive in chunks, ``count`` frames in all: the
+    padding frames are the last ones, so each chunk is passed on as soon as it comes."""
     padded = int(media.meta_value(meta, "frames_padded", 0) or 0)
-    if padded and frames.shape[0] > padded:
-        frames = frames[:-padded]
-        out.note(f"dropped the {padded} padding frame(s) added by --frames pad ({frames.shape[0]} frames)")
-    size = _unpadded(meta, *frames.shape[1:3])
+    keep = count - padded if padded and count > padded else count
+    seen, size = 0, None
+    for frames in chunks:
+        first, seen = seen, seen + frames.shape[0]
+        frames = frames[: max(0, keep - first)]
+        size = _unpadded(meta, *frames.shape[1:3])
+        if size is not None:
+            frames = frames[:, : size[0], : size[1]]
+        if frames.shape[0]:
+            yield frames
+    if keep < count:
+        out.note(f"dropped the {padded} padding frame(s) added by --frames pad ({keep} frames)")
     if size is not None:
-        frames = frames[:, : size[0], : size[1]]
         out.note(f"cropped the --fit pad border off: {size[0]}x{size[1]}")
-    return frames
 
 
 def _unpadded(meta: dict, h: int, w: int) -> tuple[int, int] | None:

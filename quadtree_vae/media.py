@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -264,13 +264,22 @@ def read_image(path: str | os.PathLike[str], deep: bool = False) -> np.ndarray:
 
 def read_video(path: str | os.PathLike[str]) -> tuple[np.ndarray, Fraction]:
     """All frames of the first video stream as (T, H, W, 3) uint8, and the frame rate."""
+    _, _, fps = probe_video(path)
+    return np.concatenate(list(video_chunks(path))), fps
+
+
+def video_chunks(path: str | os.PathLike[str], frames_per_chunk: int = 1) -> Iterator[np.ndarray]:
+    """The frames of the first video stream, decoded lazily: (t, H, W, 3) uint8 chunks of
+    ``frames_per_chunk`` frames (the last may be shorter), so a clip need never be whole in memory."""
     with _video(path) as (container, stream):
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    if not frames:
-        raise InvalidInputError(f"{path}: the video has no frames")
-    fps = Fraction(rate).limit_denominator(1001 * 1000) if rate else DEFAULT_FPS
-    return np.stack(frames), fps
+        held: list[np.ndarray] = []
+        for frame in container.decode(stream):
+            held.append(frame.to_ndarray(format="rgb24"))
+            if len(held) == frames_per_chunk:
+                yield np.stack(held)
+                held = []
+        if held:
+            yield np.stack(held)
 
 
 def probe(path: str | os.PathLike[str]) -> tuple[tuple[int, int], int, np.ndarray]:
@@ -278,6 +287,18 @@ def probe(path: str | os.PathLike[str]) -> tuple[tuple[int, int], int, np.ndarra
     if kind_of(path) == "image":
         frame = read_image(path)
         return frame.shape[:2], 1, frame
+    first, count, _ = _probe_video(path)
+    return first.shape[:2], count, first
+
+
+def probe_video(path: str | os.PathLike[str]) -> tuple[tuple[int, int], int, Fraction]:
+    """((H, W), frame count, frame rate) of a video, decoding only its first frame."""
+    first, count, fps = _probe_video(path)
+    return first.shape[:2], count, fps
+
+
+def _probe_video(path: str | os.PathLike[str]) -> tuple[np.ndarray, int, Fraction]:
+    """(first frame, frame count, frame rate): the count from the container, else from its packets."""
     with _video(path) as (container, stream):
         first = next((f.to_ndarray(format="rgb24") for f in container.decode(stream)), None)
         if first is None:
@@ -286,7 +307,9 @@ def probe(path: str | os.PathLike[str]) -> tuple[tuple[int, int], int, np.ndarra
         if not count:
             container.seek(0)
             count = sum(1 for packet in container.demux(stream) if packet.size)
-    return first.shape[:2], int(count), first
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    fps = Fraction(rate).limit_denominator(1001 * 1000) if rate else DEFAULT_FPS
+    return first, int(count), fps
 
 
 @contextlib.contextmanager
@@ -317,10 +340,26 @@ def write_media(path: str | os.PathLike[str], frames: np.ndarray, fps: Fraction 
         with atomic_path(p, force) as tmp:
             _write_image(tmp, frames[0])
     elif ext in VIDEO_WRITE:
-        with atomic_path(p, force) as tmp:
-            _write_video(tmp, frames, fps or DEFAULT_FPS)
+        with video_writer(p, fps, force) as write:
+            write(frames)
     else:
         raise InvalidInputError(f"{p}: cannot write {ext!r}; use one of {', '.join(IMAGE_WRITE + VIDEO_WRITE)}")
+
+
+@contextlib.contextmanager
+def video_writer(path: str | os.PathLike[str], fps: Fraction | None,
+                 force: bool = False) -> Iterator[Callable[[np.ndarray], None]]:
+    """``with video_writer(path, fps) as write: write(frames)``: (t, H, W, 3) uint8 frames go into
+    the video as they come (the encoder is opened once, at the first frame, which sets the size).
+    The file appears at ``path`` only when the block ends without error; an error or a Ctrl-C
+    leaves neither it nor a temporary file."""
+    p = Path(path)
+    if p.suffix.lower() not in VIDEO_WRITE:
+        raise InvalidInputError(f"{p}: cannot write a video as {p.suffix.lower()!r}; use one of "
+                                f"{', '.join(VIDEO_WRITE)}")
+    with atomic_path(p, force) as tmp, contextlib.closing(_VideoEncoder(tmp, fps or DEFAULT_FPS)) as encoder:
+        yield encoder.write
+        encoder.finish()
 
 
 def _write_image(path: Path, frame: np.ndarray) -> None:
@@ -336,27 +375,54 @@ def _write_image(path: Path, frame: np.ndarray) -> None:
         im.save(path, format="PNG")
 
 
-def _write_video(path: Path, frames: np.ndarray, fps: Fraction) -> None:
-    import av
+class _VideoEncoder:
+    """One output video through FFmpeg: frames are encoded and muxed as they are written."""
 
-    ext = path.suffix.lower()
-    codec, pix_fmt, options = _VIDEO_CODECS[ext]
-    t, h, w = frames.shape[:3]
-    check_frame_size(path, h, w)
-    rate = Fraction(fps).limit_denominator(1001 * 1000)
-    fmt = "mp4" if ext == ".mp4" else ("webm" if ext == ".webm" else "gif")
-    with av.open(str(path), "w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+    def __init__(self, path: Path, fps: Fraction):
+        self.path, self.rate = path, Fraction(fps).limit_denominator(1001 * 1000)
+        self.container = self.stream = None
+        self.palette = _VIDEO_CODECS[path.suffix.lower()][1] == "pal8"
+
+    def _open(self, h: int, w: int) -> None:
+        import av
+
+        ext = self.path.suffix.lower()
+        codec, pix_fmt, options = _VIDEO_CODECS[ext]
+        check_frame_size(self.path, h, w)
+        fmt = "mp4" if ext == ".mp4" else ("webm" if ext == ".webm" else "gif")
+        self.container = av.open(str(self.path), "w", format=fmt)
+        self.stream = self.container.add_stream(codec, rate=self.rate)
+        self.stream.width, self.stream.height, self.stream.pix_fmt = w, h, pix_fmt
         if options:
-            stream.options = dict(options)
+            self.stream.options = dict(options)
+
+    def write(self, frames: np.ndarray) -> None:
+        """Encode (t, H, W, 3) uint8 frames, all of the first frames' size."""
+        import av
+
+        if self.container is None:
+            self._open(*frames.shape[1:3])
+        elif (frames.shape[1], frames.shape[2]) != (self.stream.height, self.stream.width):
+            raise InvalidInputError(f"{self.path}: a {frames.shape[1]}x{frames.shape[2]} frame in a "
+                                    f"{self.stream.height}x{self.stream.width} video")
         for frame in frames:
-            vf = _gif_frame(frame) if pix_fmt == "pal8" else av.VideoFrame.from_ndarray(
+            vf = _gif_frame(frame) if self.palette else av.VideoFrame.from_ndarray(
                 np.ascontiguousarray(frame), format="rgb24")
-            for packet in stream.encode(vf):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            self._mux(self.stream.encode(vf))
+
+    def finish(self) -> None:
+        """Flush the encoder's delayed frames; a video needs at least one frame."""
+        if self.container is None:
+            raise InvalidInputError(f"{self.path}: no frames to write")
+        self._mux(self.stream.encode())
+
+    def _mux(self, packets) -> None:
+        for packet in packets:
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
 
 
 def _gif_frame(frame: np.ndarray):

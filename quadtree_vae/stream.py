@@ -96,6 +96,7 @@ def encode_frames(
     window: int | None = None,
     length: int | None = None,
     output_device: torch.device | str | None = None,
+    progress: Progress | None = None,
     plan: Plan | None = None,
     group: object = None,
 ) -> Iterator[torch.Tensor]:
@@ -106,12 +107,14 @@ def encode_frames(
     what the model needs. Together the yielded latents equal ``vae.encode(x).latent_dist.mode()``
     of the concatenated clip. ``frames`` says what happens when the stream does not end on 1 + 4k
     frames (see the module docstring). ``length``, the expected frame count, only sizes the plan
-    (default: 81 frames); ``window`` and ``group`` as in :func:`decode_frames`; other options as
-    in :func:`quadtree_vae.encode`. Under ``group=`` every rank passes the same chunks.
+    (default: 81 frames) and the ``progress`` total; ``window`` and ``group`` as in
+    :func:`decode_frames`; other options as in :func:`quadtree_vae.encode`. Under ``group=`` every
+    rank passes the same chunks.
     """
     family, facts = _video_family(vae, "encode_frames")
     name = facts.name
-    opts = Options(tile, budget, mode, frames, output_device=output_device, plan=plan, group=group)
+    opts = Options(tile, budget, mode, frames, output_device=output_device, progress=progress, plan=plan,
+                   group=group)
     net = _network(family, vae, "encode", opts.mode)
     source = iter(chunks)
     first = next(source, None)
@@ -125,7 +128,8 @@ def encode_frames(
     out_device = opts.output_device if opts.output_device is not None else first.device
     with _upcast(vae) as dtype:
         plan = _stream_plan(vae, net, facts, "encode", shape, opts, dtype, window, same_length=False)
-        run = _run_of(plan, _device(vae), out_device, lambda: None, opts.group)
+        run = _run_of(plan, _device(vae), out_device, _ticker(plan, net, t_plan, opts.progress, opts.group),
+                      opts.group)
         pixels = _model_chunks(net, _frames_of(facts, first, source), frames, facts)
         timed = (c.to(dtype) for c in pixels)
         yield from _checked(_no_grad(stream(net, plan.segments, timed, run)), name, "encode", dtype)

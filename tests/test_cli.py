@@ -603,3 +603,119 @@ def test_image_through_an_ldm_layout_file_with_a_prefix(tmp_path, capsys):
     assert (_latent(lat) - z).abs().max() <= 1e-4
     got = np.asarray(Image.open(png).convert("RGB"))
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+
+
+# ------------------------------------------------------------------------------- streaming videos
+
+
+def _watch_decode_frames(monkeypatch, events: list, fail_after: int | None = None, error: BaseException | None = None):
+    """Log each chunk ``qv.decode_frames`` yields (and raise ``error`` once ``fail_after`` were taken)."""
+    real = qv.stream.decode_frames
+
+    def watched(*args, **kwargs):
+        for k, y in enumerate(real(*args, **kwargs)):
+            if fail_after is not None and k == fail_after:
+                raise error
+            events.append(("decoded", y.shape[2]))
+            yield y
+
+    monkeypatch.setattr(qv.stream, "decode_frames", watched)
+
+
+def test_decode_writes_each_window_as_it_finishes(tmp_path, capsys, monkeypatch):
+    lat = tmp_path / "z.safetensors"
+    media.save_latent(lat, torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0)), {"fps": "8"})
+    events: list = []
+    _watch_decode_frames(monkeypatch, events)
+    real_write, written = media._VideoEncoder.write, []
+
+    def write(self, frames):
+        events.append(("written", frames.shape[0]))
+        written.append(frames.copy())
+        real_write(self, frames)
+
+    monkeypatch.setattr(media._VideoEncoder, "write", write)
+    code, _, err = _run(capsys, "decode", lat, "-o", tmp_path / "out.mp4", *WAN, "--tile", "24")
+    assert code == 0, err
+    # window by window (1 latent frame: 1 then 4 frames), each written before the next is decoded
+    assert events == [("decoded", 1), ("written", 1), ("decoded", 4), ("written", 4), ("decoded", 4), ("written", 4)]
+    assert media.read_video(tmp_path / "out.mp4")[0].shape == (9, 32, 32, 3)
+    # the frames handed to the encoder are the untiled model's
+    vae = random_vae("wan2.1", tiny=True)
+    with torch.no_grad():
+        ref = cli.latents.frames_of(vae.decode(_latent(lat)).sample, True)
+    assert np.abs(np.concatenate(written).astype(int) - ref.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(("error", "status"), [(KeyboardInterrupt(), 130),
+                                               (qv.errors.NonFiniteOutputError("overflow"), 2)])
+@pytest.mark.parametrize("ext", [".mp4", ".gif"])
+def test_interrupted_decode_leaves_nothing(tmp_path, capsys, monkeypatch, error, status, ext):
+    lat = tmp_path / "z.safetensors"
+    media.save_latent(lat, torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0)), {"fps": "8"})
+    events: list = []
+    _watch_decode_frames(monkeypatch, events, fail_after=2, error=error)
+    out = tmp_path / f"out{ext}"
+    code, _, err = _run(capsys, "decode", lat, "-o", out, *WAN)
+    assert code == status and "Traceback" not in err
+    assert events == [("decoded", 1), ("decoded", 4)]  # it stopped half-way, with frames already written
+    assert not out.exists() and _no_temp_files(tmp_path)
+    # an existing output is kept as it was
+    out.write_bytes(b"old")
+    code, _, _ = _run(capsys, "decode", lat, "-o", out, *WAN, "--force")
+    assert code == status and out.read_bytes() == b"old" and _no_temp_files(tmp_path)
+
+
+def test_encode_reads_the_video_as_it_encodes(tmp_path, capsys, monkeypatch):
+    src = _video(tmp_path, "clip.mp4", t=13, fps=10)
+    events: list = []
+    real_chunks = media.video_chunks
+
+    def chunks(*args, **kwargs):
+        for c in real_chunks(*args, **kwargs):
+            events.append(("read", c.shape[0]))
+            yield c
+
+    real_encode = qv.stream.encode_frames
+
+    def encode_frames(*args, **kwargs):
+        for z in real_encode(*args, **kwargs):
+            events.append(("encoded", z.shape[2]))
+            yield z
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the clip was read whole")
+
+    monkeypatch.setattr(media, "video_chunks", chunks)
+    monkeypatch.setattr(media, "read_video", whole)
+    monkeypatch.setattr(qv.stream, "encode_frames", encode_frames)
+    lat = tmp_path / "z.safetensors"
+    code, _, err = _run(capsys, "encode", src, "-o", lat, *WAN, "--tile", "24")
+    assert code == 0, err
+    assert events[:3] == [("read", 4), ("encoded", 1), ("read", 4)]  # latents come while the file is read
+    assert [n for kind, n in events if kind == "read"] == [4, 4, 4, 1]
+    assert _latent(lat).shape == (1, 16, 4, 4, 4)
+
+
+@pytest.mark.parametrize(("fit", "policy", "t"), [("crop", "pad", 7), ("pad", "trim", 10), ("pad", None, 9)])
+def test_streamed_encode_equals_untiled_after_fitting(tmp_path, capsys, fit, policy, t):
+    """Fitting chunk by chunk (crop/pad the sides, trim/pad the frame count at the stream's end)
+    gives the untiled encoder's latents of the whole clip fitted at once."""
+    src = _video(tmp_path, "clip.mp4", t=t, fps=10, size=36)
+    lat = tmp_path / "z.safetensors"
+    argv = ["encode", src, "-o", lat, *WAN, "--tile", "24", "--fit", fit] + (["--frames", policy] if policy else [])
+    code, _, err = _run(capsys, *argv)
+    assert code == 0, err
+    frames, _ = media.read_video(src)
+    frames = frames[:, 2:34, 2:34] if fit == "crop" else np.pad(frames, ((0, 0), (0, 4), (0, 4), (0, 0)), "edge")
+    if policy == "trim":
+        frames = frames[:9]
+    elif policy == "pad":
+        frames = np.concatenate([frames, np.repeat(frames[-1:], 9 - t, axis=0)])
+    vae = random_vae("wan2.1", tiny=True)
+    with torch.no_grad():
+        ref = vae.encode(media.to_tensor(frames).permute(1, 0, 2, 3).unsqueeze(0)).latent_dist.mode()
+    z = _latent(lat)
+    assert z.shape == ref.shape and (z - ref).abs().max() <= 1e-4
+    meta = _meta(lat)
+    assert meta["frames"] == str(t) and meta["frames_encoded"] == "9" and meta["fit"] == fit
