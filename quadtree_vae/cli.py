@@ -1,7 +1,8 @@
 """The ``qvae`` command: encode, decode, roundtrip, inspect and demo.
 
 Argument parsing and the commands only: the conventions are in ``EPILOG`` (``qvae --help``);
-fitting inputs to the model is in :mod:`.fitting`, latent files in :mod:`.latents`, output in
+fitting inputs to the model is in :mod:`.fitting`, latent files in :mod:`.latents`, streaming
+from file to file in :mod:`.transcode`, ``inspect``'s plans in :mod:`.inspection`, output in
 :mod:`.console`, the demo in :mod:`.demo` and PSNR/SSIM in :mod:`.metrics`. Every check that can
 be made is made before the model runs; errors print ``error: <message>`` and exit with status 2.
 """
@@ -14,21 +15,20 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from . import __version__, adapters, api, dataset, demo, latents, media, stream
-from .console import RANDOM_NOTE, Console, TileBar, progress_enabled
+from . import __version__, adapters, api, dataset, demo, inspection, latents, media, transcode
+from .archs import ARCHES
+from .console import RANDOM_NOTE, Console, TileBar, describe_frames, encoded_frames, plural, progress_enabled, vae_line
 from .errors import InvalidInputError, QuadtreeVAEError
-from .fitting import FITS, fit_pixels, fitted_size, frames_to_add
+from .fitting import FITS
 from .metrics import psnr, ssim
 from .options import FRAMES, MODES, Options, parse_device
-from .planner import available_memory, fmt_bytes
 
 DEFAULT_VAE = "random:wan2.1"
 _OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = common.add_argument_group("model and tiling")
     g.add_argument("--vae", default=DEFAULT_VAE, metavar="PATH|random:ARCH",
                    help="checkpoint file or diffusers folder, or random:ARCH[:tiny][:seed=N] with ARCH one of "
-                        "wan2.1, qwen-image, sd, sdxl, flux, sd3 (default: %(default)s, random weights)")
+                        f"{', '.join(ARCHES)} (default: %(default)s, random weights)")
     g.add_argument("--arch", default=None,
                    help="architecture hint for a checkpoint whose keys cannot tell (qwen-image vs wan2.1, "
                         "sdxl vs sd, sd3 vs flux)")
@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("latents", metavar="LATENTS", help="a .safetensors file written by 'qvae encode'")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.add_argument("--fps", type=_fps, default=None,
-                   help="frame rate of a video output (default: the rate stored in the latents, else 16)")
+                   help="frame rate of a video output (default: the rate stored in the latents, else the "
+                        "model's: 16 for Wan 2.1, 24 for Wan 2.2)")
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("roundtrip", parents=[common, fit], help="encode + decode, print PSNR and SSIM",
@@ -257,17 +258,8 @@ def _load(args, out: Console):
     info["fingerprint"] = fingerprint(vae)
     info["spec"] = args.vae if info["random"] else Path(args.vae).name
     info["dtype"] = str(next(vae.parameters()).dtype).removeprefix("torch.")
-    out.note(f"vae: {_vae_line(info)} [{time.perf_counter() - t0:.1f} s]")
+    out.note(f"vae: {vae_line(info)} [{time.perf_counter() - t0:.1f} s]")
     return vae, info
-
-
-def _vae_line(info: dict) -> str:
-    facts = info["facts"]
-    factors = f"{facts.spatial_factor}x spatial" + (
-        f", {facts.temporal_factor}x temporal" if facts.temporal else ", 2-D")
-    rnd = ", RANDOM weights" if info["random"] else ""
-    return (f"{info['spec']} ({info['class']}, arch {info['arch']}, {info['params'] / 1e6:.1f}M parameters, "
-            f"{info['latent_channels']} latent channels, {factors}{rnd}, fingerprint {info['fingerprint']})")
 
 
 def _options(args) -> Options:
@@ -354,7 +346,7 @@ def cmd_encode(args, out: Console) -> int:
         size = src.size
     meta = {**latents.metadata(info, z, args, src_path), **meta}
     media.save_latent(dest, z, meta, force=args.force)
-    what = _encoded_frames(meta) if meta["kind"] == "video" else "image"
+    what = encoded_frames(meta) if meta["kind"] == "video" else "image"
     out.note(f"wrote {dest}: latent {tuple(z.shape)} {meta['dtype']} from {what} {size[0]}x{size[1]}"
              + (f" at {meta['fps']} fps" if "fps" in meta else "") + f" [{time.perf_counter() - t0:.1f} s]")
     _say_random(info, out)
@@ -378,45 +370,24 @@ def _encode_tensor(args, dest: Path, out: Console) -> int:
 
 
 def _encode_video(vae, info: dict, path: Path, args, out: Console) -> tuple[torch.Tensor, dict, tuple[int, int]]:
-    """Encode a video as it is read (chunks of frames from PyAV through ``qv.encode_frames``), so
-    only the latents grow with the clip. The frame rule needs the count up front: the container's
-    (or its packets'), checked before the model runs; the metadata records the frames actually read.
-
-    Returns (latents, metadata, frame size).
-    """
+    """Encode a video as it is read (:mod:`.transcode`). The frame rule needs the count up front:
+    the container's (or its packets'), checked before the model runs; the metadata records the
+    frames actually read. Returns (latents, metadata, frame size)."""
     (h, w), count, fps = media.probe_video(path)
     fit = latents.input_fitting(h, w, count, fps, True, args, info, path.name)
     for n in fit.notes:
         out.note(n)
     plan = _plan_for(vae, "encode", (1, 3, count + fit.added, *fit.size), args)
-    seen = 0
-
-    def pixels():
-        nonlocal seen
-        for frames in media.video_chunks(path, info["facts"].temporal_factor):
-            seen += frames.shape[0]
-            yield latents.to_clip(fit.pixels(frames))
-
+    opts = replace(_options(args), frames=args.frames or "error")
     bar = TileBar("encode", progress_enabled(args))
     try:
-        parts = list(stream.encode_frames(vae, pixels(), args.tile, args.budget, args.mode,
-                                          frames=args.frames or "error", length=count + fit.added,
-                                          output_device="cpu", progress=bar.part(0), plan=plan))
+        z, seen = transcode.encode_video(vae, path, fit.pixels, info["facts"].temporal_factor, opts, plan,
+                                         count + fit.added, bar)
     finally:
         bar.close()
     if seen != count:  # the container's count was off: record what was encoded
         fit = latents.input_fitting(h, w, seen, fps, True, args, info, path.name)
-    return torch.cat(parts, dim=2), fit.meta, (h, w)
-
-
-def _encoded_frames(meta: dict) -> str:
-    """The frames an encode took, as the metadata records them: "5 frames (the first 5 of 6)"."""
-    source, encoded = meta["frames"], meta["frames_encoded"]
-    if meta.get("frames_trimmed"):
-        return f"{_plural(encoded, 'frame')} (the first {encoded} of {source})"
-    if meta.get("frames_padded"):
-        return f"{_plural(source, 'frame')} (padded to {encoded})"
-    return _plural(encoded, "frame")
+    return z, fit.meta, (h, w)
 
 
 def cmd_decode(args, out: Console) -> int:
@@ -436,7 +407,7 @@ def cmd_decode(args, out: Console) -> int:
     video = dest.suffix.lower() in media.VIDEO_WRITE
     fps = args.fps or media.fps_from_meta(media.meta_value(meta, "fps"))
     if video and fps is None:
-        fps = media.DEFAULT_FPS
+        fps = Fraction(info["facts"].fps)
         out.note(f"no frame rate in {src.name}: writing {fps} fps (set one with --fps)")
     t0 = time.perf_counter()
     if dest.suffix.lower() == media.LATENT_EXT:  # the decoder's float output as it is (no 8-bit step, no --fit undo)
@@ -448,59 +419,17 @@ def cmd_decode(args, out: Console) -> int:
         return 0
     bar = TileBar("decode", progress_enabled(args), parts=z.shape[0])
     try:
-        frames = latents.restored(_decoded(vae, z, args, plan, info["facts"].temporal, bar), meta,
-                                  _decoded_count(z, info), out)
-        written, size = _write_frames(dest, frames, fps if video else None, args.force)
+        facts = info["facts"]
+        count = z.shape[0] * (facts.image_frames(z.shape[2]) if z.dim() == 5 else 1)  # before undoing any padding
+        frames = latents.restored(transcode.decoded(vae, z, _options(args), plan, facts.temporal, bar), meta,
+                                  count, out)
+        written, size = transcode.write_frames(dest, frames, fps if video else None, args.force)
     finally:
         bar.close()
-    out.note(f"wrote {dest}: {_describe_frames(written, *size, fps if video else None)} "
+    out.note(f"wrote {dest}: {describe_frames(written, *size, fps if video else None)} "
              f"[{time.perf_counter() - t0:.1f} s]")
     _say_random(info, out)
     return 0
-
-
-def _decoded(vae, z: torch.Tensor, args, plan, temporal: bool, bar: TileBar) -> Iterator[np.ndarray]:
-    """Decoded (t, H, W, 3) uint8 frames as they finish, item by item over the batch: a latent
-    video window by window (``qv.decode_frames``), anything else one item at a time."""
-    for k in range(z.shape[0]):
-        if temporal and z.dim() == 5:
-            for y in stream.decode_frames(vae, z[k:k + 1], args.tile, args.budget, args.mode, output_device="cpu",
-                                          progress=bar.part(k), plan=plan):
-                yield latents.frames_of(y, temporal)
-        else:
-            opts = replace(_options(args), progress=bar.part(k), plan=plan)
-            yield latents.frames_of(api.run_tiled("decode", vae, z[k:k + 1], opts), temporal)
-
-
-def _write_frames(dest: Path, frames: Iterator[np.ndarray], fps: Fraction | None,
-                  force: bool) -> tuple[int, tuple[int, int]]:
-    """Write chunks of frames to a video as they come (``fps`` given), or to an image; returns the
-    frame count and size written."""
-    if fps is None:
-        image = np.concatenate(list(frames))
-        media.write_media(dest, image, None, force=force)
-        return image.shape[0], image.shape[1:3]
-    written = 0
-    with media.video_writer(dest, fps, force) as write:
-        for chunk in frames:
-            write(chunk)
-            written, size = written + chunk.shape[0], chunk.shape[1:3]
-    return written, size
-
-
-def _decoded_count(z: torch.Tensor, info: dict) -> int:
-    """Frames a decode of ``z`` gives, before undoing the encode's padding."""
-    return z.shape[0] * (info["facts"].image_frames(z.shape[2]) if z.dim() == 5 else 1)
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def _describe_frames(t: int, h: int, w: int, fps: Fraction | None) -> str:
-    if t == 1 and fps is None:
-        return f"image {h}x{w}"
-    return f"{_plural(t, 'frame')} {h}x{w}" + (f" at {fps} fps" if fps else "")
 
 
 def cmd_roundtrip(args, out: Console) -> int:
@@ -521,9 +450,9 @@ def cmd_roundtrip(args, out: Console) -> int:
     fps = src.fps if src.is_video else None
     media.write_media(dest, frames, fps, force=args.force)
     p, s = psnr(shown, frames), ssim(shown, frames)
-    out.note(f"wrote {dest}: {_describe_frames(*frames.shape[:3], fps)}; latent {tuple(z.shape)} "
+    out.note(f"wrote {dest}: {describe_frames(*frames.shape[:3], fps)}; latent {tuple(z.shape)} "
              f"[encode {t1 - t0:.1f} s, decode {t2 - t1:.1f} s]")
-    out.result(f"PSNR {p:.2f} dB  SSIM {s:.4f}  ({_plural(frames.shape[0], 'frame')}, 8-bit RGB, before the "
+    out.result(f"PSNR {p:.2f} dB  SSIM {s:.4f}  ({plural(frames.shape[0], 'frame')}, 8-bit RGB, before the "
                f"output file's codec)")
     _say_random(info, out)
     return 0
@@ -552,77 +481,8 @@ def cmd_inspect(args, out: Console) -> int:
         raise InvalidInputError("inspect: give --size HxW (e.g. --size 720x1280) or an input file")
     budget = _options(args).budget
     vae, info = _load(args, Console(True))
-    facts = info["facts"]
-    temporal, sf = facts.temporal, facts.spatial_factor
-    out.result(f"vae: {_vae_line(info)}")
-    if info["random"]:
-        out.result(f"     ({RANDOM_NOTE})")
-
-    if latent_shape is not None:
-        enc_shape = None
-        dec_shape = latent_shape if not (temporal and len(latent_shape) == 4) else (
-            latent_shape[0], latent_shape[1], 1, *latent_shape[2:])
-        h, w = dec_shape[-2] * sf, dec_shape[-1] * sf
-        t_lat = dec_shape[2] if len(dec_shape) == 5 else 1
-        out.result(f"input: latents {latent_shape} -> image {h}x{w}"
-                   + (f", {_plural(facts.image_frames(t_lat), 'frame')}" if temporal else ""))
-    else:
-        h, w = size
-        (h, w), _, notes = fitted_size(h, w, sf, args.fit, f"the size {h}x{w}")
-        if picture is not None and args.fit:
-            fit = fitted_size(*picture.shape[:2], sf, args.fit, "the picture")
-            picture = fit_pixels(picture[None], *fit[:2])[0]
-        for n in notes:
-            out.result(f"note: {n}")
-        t = frames or 1
-        if temporal:
-            added = frames_to_add(facts, t, "pad", "")
-            if added:
-                out.result(f"note: {t} frames is not 1+{facts.temporal_factor}k: encode needs --frames trim "
-                           f"({t - facts.extra_frames(t)}) or --frames pad ({t + added}); planning for {t + added}")
-                t += added
-            enc_shape = (1, facts.in_channels, t, h, w)
-            dec_shape = (1, info["latent_channels"], facts.latent_frames(t), h // sf, w // sf)
-        else:
-            if t > 1:
-                out.result(f"note: a 2-D VAE encodes the {t} frames one by one; the plan is per frame")
-            enc_shape = (1, facts.in_channels, h, w)
-            dec_shape = (1, info["latent_channels"], h // sf, w // sf)
-        out.result(f"input: {h}x{w}" + (f", {_plural(t, 'frame')}" if temporal else "") + f" -> latent {dec_shape}")
-    device = next(vae.parameters()).device
-    limit = (f"budget {fmt_bytes(budget)}" if budget else
-             f"no budget: {fmt_bytes(available_memory(device))} free on {device.type}")
-    tile = args.tile if args.tile is None or isinstance(args.tile, int) else f"{args.tile[0]}x{args.tile[1]}"
-    out.result(f"tiling: tile {tile or 'auto'}, {limit}, mode {args.mode}")
-
-    plans = {}
-    if enc_shape is not None and args.op in ("encode", "both"):
-        plans["encode"] = api.plan(vae, enc_shape, args.tile, args.budget, args.mode, op="encode")
-    if args.op in ("decode", "both") or enc_shape is None:
-        plans["decode"] = api.plan(vae, dec_shape, args.tile, args.budget, args.mode, op="decode")
-    for name, p in plans.items():
-        halo = max(s.halo for s in p.segments)
-        out.result("")
-        out.result(f"{name}: {p.tiles} tiles in {len(p.segments)} segments, widest halo {halo} px, "
-                   f"estimated peak {fmt_bytes(p.peak)}, work {p.overhead:.3f}x untiled")
-        out.result(p.describe())
-        try:
-            api.check_budget(p)
-        except InvalidInputError as e:
-            out.warn(f"{e}; {name} would refuse to run this plan")
-    if plot is not None:
-        from .plot import draw_layout, image_segment
-
-        p = plans.get("decode") or plans["encode"]
-        if args.op == "encode" and "encode" in plans:
-            p = plans["encode"]
-        im = draw_layout(p, picture)
-        with media.atomic_path(plot, args.force) as tmp:
-            im.save(tmp, format="PNG")
-        idx, seg = image_segment(p)
-        out.result("")
-        out.result(f"wrote {plot}: {p.op} segment {idx}, {len(seg.layout)} tiles"
-                   + (" over the input" if picture is not None else " on a blank canvas"))
+    out.result(f"vae: {vae_line(info)}")
+    inspection.report(vae, info, args, out, budget, size, frames, picture, latent_shape, plot)
     return 0
 
 
@@ -630,29 +490,9 @@ def cmd_inspect(args, out: Console) -> int:
 
 
 def cmd_demo(args, out: Console) -> int:
-    size = args.size
-    if size % 16 or size < 64:
-        raise InvalidInputError(f"demo --size {size}: use a multiple of 16 of at least 64 (the clip is half of it)")
-    folder = Path(args.out)
-    if folder.exists() and not folder.is_dir():
-        raise InvalidInputError(f"--out {folder} is a file, not a folder")
-    if not folder.is_dir():  # as every other command: a missing folder is refused, not made
-        raise InvalidInputError(f"--out {folder}: the folder does not exist")
-    layout_path = media.check_output(folder / demo.LAYOUT_FILE, args.force, (".png",))
+    layout_path = demo.layout_path(args)
     _options(args)
-    cuda = str(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    own_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        vae, info = _load(args, out)
-        facts = adapters.facts(vae)
-        if facts.temporal:
-            frames_to_add(facts, args.frames, "error", f"demo --frames {args.frames}", "--frames {}")
-        return demo.run(args, out, vae, info, layout_path, cuda, torch.get_num_threads())
-    finally:
-        torch.set_num_threads(own_threads)
-
+    return demo.command(args, out, lambda: _load(args, out), layout_path)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from fractions import Fraction
 
 RANDOM_NOTE = "random weights: output is not a real image"
 
@@ -71,3 +72,34 @@ def progress_enabled(args) -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def describe_frames(t: int, h: int, w: int, fps: Fraction | None) -> str:
+    """"image HxW" or "N frames HxW at F fps", for the notes about what was read or written."""
+    if t == 1 and fps is None:
+        return f"image {h}x{w}"
+    return f"{plural(t, 'frame')} {h}x{w}" + (f" at {fps} fps" if fps else "")
+
+
+def encoded_frames(meta: dict) -> str:
+    """The frames an encode took, as the metadata records them: "5 frames (the first 5 of 6)"."""
+    source, encoded = meta["frames"], meta["frames_encoded"]
+    if meta.get("frames_trimmed"):
+        return f"{plural(encoded, 'frame')} (the first {encoded} of {source})"
+    if meta.get("frames_padded"):
+        return f"{plural(source, 'frame')} (padded to {encoded})"
+    return plural(encoded, "frame")
+
+
+def vae_line(info: dict) -> str:
+    """One line about a loaded VAE (``loading.describe`` plus the adapter's facts)."""
+    facts = info["facts"]
+    factors = f"{facts.spatial_factor}x spatial" + (
+        f", {facts.temporal_factor}x temporal" if facts.temporal else ", 2-D")
+    rnd = ", RANDOM weights" if info["random"] else ""
+    return (f"{info['spec']} ({info['class']}, arch {info['arch']}, {info['params'] / 1e6:.1f}M parameters, "
+            f"{info['latent_channels']} latent channels, {factors}{rnd}, fingerprint {info['fingerprint']})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ from torch import nn
 
 from . import adapters, api, media
 from .console import RANDOM_NOTE
+from .errors import InvalidInputError
+from .fitting import frames_to_add
 from .measure import fmt_seconds, measure
 from .planner import fmt_bytes
 
@@ -63,6 +66,35 @@ def moving_shapes(frames: int, size: int) -> np.ndarray:
         img = np.where(square, np.array([0.15, 0.2, 0.6], np.float32), img)
         clip[t] = img
     return (clip * 255 + 0.5).astype(np.uint8)
+
+
+def layout_path(args) -> Path:
+    """Where ``qvae demo`` draws its tile layout, checked (with ``--size``) before anything loads."""
+    if args.size % 16 or args.size < 64:
+        raise InvalidInputError(
+            f"demo --size {args.size}: use a multiple of 16 of at least 64 (the clip is half of it)")
+    folder = Path(args.out)
+    if folder.exists() and not folder.is_dir():
+        raise InvalidInputError(f"--out {folder} is a file, not a folder")
+    if not folder.is_dir():  # as every other command: a missing folder is refused, not made
+        raise InvalidInputError(f"--out {folder}: the folder does not exist")
+    return media.check_output(folder / LAYOUT_FILE, args.force, (".png",))
+
+
+def command(args, out, load: Callable[[], tuple[nn.Module, dict]], layout: Path) -> int:
+    """``qvae demo``: load the VAE with ``load``, check the clip length, run with ``--threads``."""
+    cuda = str(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    own_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        vae, info = load()
+        facts = adapters.facts(vae)
+        if facts.temporal:
+            frames_to_add(facts, args.frames, "error", f"demo --frames {args.frames}", "--frames {}")
+        return run(args, out, vae, info, layout, cuda, torch.get_num_threads())
+    finally:
+        torch.set_num_threads(own_threads)
 
 
 def run(args, out, vae: nn.Module, info: dict, layout_path: Path, cuda: bool, threads: int | None) -> int:

@@ -36,7 +36,7 @@ LATENT_KEY = "latent"
 LATENT_FORMAT = "quadtree-vae-latent"
 PIXELS_KEY = "pixels"  # a float pixel tensor in a .safetensors file: exact input to encode, exact output of decode
 PIXELS_FORMAT = "quadtree-vae-pixels"
-DEFAULT_FPS = Fraction(16)  # Wan 2.1's native rate: used when nothing says otherwise
+DEFAULT_FPS = Fraction(16)  # for a video file that states no frame rate (the command line passes the model's)
 
 # (codec, pixel format, options) per container written
 _VIDEO_CODECS = {

@@ -43,8 +43,6 @@ from .errors import InvalidInputError, NonFiniteOutputError
 from .options import Options, Progress
 from .planner import Plan
 
-DEFAULT_STREAM_FRAMES = 81  # frames a stream of unknown length is planned for (a standard Wan clip)
-
 T = TypeVar("T")
 
 
@@ -107,7 +105,8 @@ def encode_frames(
     what the model needs. Together the yielded latents equal ``vae.encode(x).latent_dist.mode()``
     of the concatenated clip. ``frames`` says what happens when the stream does not end on 1 + 4k
     frames (see the module docstring). ``length``, the expected frame count, only sizes the plan
-    (default: 81 frames) and the ``progress`` total; ``window`` and ``group`` as in
+    (default: the family's typical clip, ``Facts.clip_frames``: 81 frames for Wan 2.1) and the
+    ``progress`` total; ``window`` and ``group`` as in
     :func:`decode_frames`; other options as in :func:`quadtree_vae.encode`. Under ``group=`` every
     rank passes the same chunks.
     """
@@ -121,7 +120,7 @@ def encode_frames(
     if first is None:
         raise InvalidInputError(f"{name} encode_frames: the stream has no frames")
     first = _as_video(facts, first)
-    t_plan = length if length is not None else DEFAULT_STREAM_FRAMES
+    t_plan = length if length is not None else facts.clip_frames
     if isinstance(t_plan, bool) or not isinstance(t_plan, int) or t_plan < 1:
         raise InvalidInputError(f"length must be a positive number of frames, not {length!r}")
     shape = _check_shape(facts, "encode", (*first.shape[:2], t_plan, *first.shape[3:]))

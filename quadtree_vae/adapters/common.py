@@ -26,6 +26,8 @@ class Facts:
     # see the adapter's pack_latent); 1: none. Front ends that hand such packed latents around (ComfyUI)
     # crop images to spatial_factor * latent_patch.
     latent_patch: int = 1
+    fps: int = 16  # the frame rate its videos are made at, for a video or latent that states none
+    clip_frames: int = 81  # frames of a typical clip, to plan a stream whose length is not known yet
 
     @property
     def temporal(self) -> bool:

@@ -72,7 +72,11 @@ def facts(vae: nn.Module) -> Facts:
     cfg = vae.config
     return Facts(type(vae).__name__, 2 ** (len(cfg.dim_mult) - 1) * patch_size(vae), 2 ** sum(cfg.temperal_downsample),
                  in_channels(vae), latent_channels(vae), patch_size=patch_size(vae),
-                 max_frames=1 if isinstance(vae, SINGLE_FRAME) else None)
+                 max_frames=1 if isinstance(vae, SINGLE_FRAME) else None,
+                 **(WAN22_CLIPS if patch_size(vae) > 1 else {}))
+
+
+WAN22_CLIPS = {"fps": 24, "clip_frames": 121}  # Wan 2.2 (TI2V-5B) makes 121 frames at 24 fps; Wan 2.1 81 at 16
 
 
 def in_channels(vae: nn.Module) -> int:
