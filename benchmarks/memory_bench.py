@@ -72,7 +72,7 @@ def child(spec: dict, save: str) -> dict:
     op, method, shape = spec["op"], spec["method"], tuple(spec["shape"])
     if method == "qvae":
         return child_cli(spec, save)
-    vae = build("wan2.1", "cpu")
+    vae = build("wan2.1", "cpu", tiny=False)
     fn = call_for(vae, op, method, spec["tile"], spec["budget"])
     x = make_input(op, shape, "cpu")
     small = (*shape[:2], 1, *((8, 8) if op == "decode" else (64, 64)))
