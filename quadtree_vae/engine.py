@@ -404,7 +404,7 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
     (every rank runs the same layout).
     """
     steps = net.steps[seg.start : seg.stop]
-    retile = run.retile if run.ranks is None else None
+    retile = run.retile  # None in tile-parallel runs: every rank must run the same layout
     layout = retile.layout(state.segment) if retile is not None else seg.layout
     out: torch.Tensor | None = None
     out_bounds = None

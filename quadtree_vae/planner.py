@@ -18,7 +18,6 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -69,9 +68,8 @@ class Plan:
     cache_bytes: int = 0  # causal caches kept from one window to the next
     cache_at: str = "device"  # "device" or "cpu": where those caches wait
     chunks: int = 1  # time chunks of the whole clip
-    _relayout: Callable[[Segment, Layout], Segment] | None = field(default=None, repr=False, compare=False)
     _held: Callable[[Sequence[Segment]], int] | None = field(default=None, repr=False, compare=False)
-    _est: _Estimator | None = field(default=None, repr=False, compare=False)  # model-free, for replanning
+    _est: _Estimator | None = field(default=None, repr=False, compare=False)  # model-free: new layouts, replanning
 
     @property
     def peak(self) -> int:
@@ -106,7 +104,8 @@ class Plan:
                 check_layout(layout, *seg.size_out)
             except ValueError as e:
                 raise InvalidInputError(f"layout for segment {i}: {e}") from e
-            segs[i] = self._relayout(seg, layout) if self._relayout else replace(seg, layout=layout)
+            segs[i] = self._est.segment(seg.start, seg.stop, layout, seg.is_global, seg.window) if self._est else \
+                replace(seg, layout=layout)
         return replace(self, segments=tuple(segs), cache_bytes=_cache_held(segs, self.chunks))
 
     def with_window(self, window: int | None) -> Plan:
@@ -467,8 +466,7 @@ def make_plan(
             op, net.name, tuple(shape), out_shape, mode, tuple(segments), int(limit), budget, park, cut_bytes,
             window=min(windows) if windows else None, cache_bytes=_cache_held(segments, chunks),
             cache_at=cache_at, chunks=chunks,
-            _relayout=partial(_relayout, model_free), _held=model_free.held if windowed else None,
-            _est=model_free,
+            _held=model_free.held if windowed else None, _est=model_free,
         )
 
     out_c = net.steps[-1].channels[1]
@@ -517,10 +515,6 @@ def _shapes_only(net: Network) -> Network:
     modules, so a plan can re-estimate a segment without keeping the VAE alive, and pickles."""
     steps = [replace(s, fn=None, norm=None, join=None) for s in net.steps]
     return Network(net.name, steps, net.in_channels, None)
-
-
-def _relayout(est: _Estimator, seg: Segment, layout: Layout) -> Segment:
-    return est.segment(seg.start, seg.stop, layout, seg.is_global, seg.window)
 
 
 def _probe(net, est: _Estimator, a: int, b: int, image, tile, frames, batch, elem) -> tuple[tuple[int, int], int]:
