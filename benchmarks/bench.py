@@ -8,11 +8,16 @@ classes with their default (released) widths and seeded random weights.
 Peak memory: on CPU the increment of the process's peak resident set over its size just before
 the call (the kernel's high-water mark is reset first); on CUDA ``torch.cuda.max_memory_allocated``
 above what was allocated before. Seconds are one timed run after an untimed warm-up on a small
-input (which also warms the thread pool and kernels).
+input (which also warms the thread pool and kernels). Wall-clock time on a shared 2-core machine
+varies by 15-50% from one process to the next, so ``--repeat N`` runs the untiled model and our
+modes N times each, interleaved (untiled, exact, fast, untiled, ...), and reports the median; the
+ratio is median over median, and "runs" gives the spread. diffusers' tiling, a reference for
+memory and error, runs once.
 
     python benchmarks/bench.py                     # every case (about 25 minutes on 2 CPU cores, before wan22/flux2)
     python benchmarks/bench.py --only wan22,flux2  # families: wan, wan22, qwen, sd, flux2 (comma-separated)
     python benchmarks/bench.py --only sd --methods exact,fast
+    python benchmarks/bench.py --only sd --methods exact,fast --repeat 3   # medians of 3 interleaved runs
     python benchmarks/bench.py --device cuda
     python benchmarks/bench.py --quick             # tiny widths, half the sides: checks the script runs
 """
@@ -23,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -156,6 +162,7 @@ def main() -> None:
     ap.add_argument("--methods", help="comma-separated subset of untiled,diffusers,exact,fast (untiled always runs)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeat", type=int, default=1, help="runs of untiled and our modes, interleaved; medians")
     ap.add_argument("--json", default="benchmarks/results.json", help="where to write the rows")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
@@ -167,42 +174,55 @@ def main() -> None:
     if args.quick:
         cases = [quick_case(c) for c in cases]
     rows = []
-    header = ("| model | op | input | tile | method | seconds | x untiled | peak memory | of which parked "
+    header = ("| model | op | input | tile | method | seconds | x untiled | runs | peak memory | of which parked "
               "| max abs err | PSNR dB |")
     print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}, float32"
+          + (f", median of {args.repeat} interleaved runs" if args.repeat > 1 else "")
           + (", --quick (tiny widths: not a measurement)" if args.quick else "") + "\n")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
-            model, op, shape, tile, methods = case
-            if args.methods:
-                methods = [m for m in methods if m == "untiled" or m in args.methods.split(",")]
-            results, outputs = {}, {}
-            for m in methods:
-                path = Path(tmp) / f"{m}.pt"
-                results[m] = run_one(case, m, args, path)
-                outputs[m] = torch.load(path) if "error" not in results[m] else None
-            ref, base = outputs["untiled"], results["untiled"]["seconds"]
-            for m in methods:
-                r, y = results[m], outputs[m]
-                if y is None:
-                    rows.append(dict(model=model, op=op, input="x".join(map(str, shape)), tile=tile, method=m,
-                                     error=r["error"]))
-                    print(f"| {model} | {op} | {rows[-1]['input']} | {tile} | {m} | failed: {r['error']} "
-                          f"| | | | | |", flush=True)
-                    continue
-                err = (y.double() - ref.double()).abs().max().item()
-                row = dict(model=model, op=op, input="x".join(map(str, shape)), tile=tile, method=m,
-                           seconds=r["seconds"], ratio=r["seconds"] / base, peak=r["peak"], parked=r["parked"],
-                           max_abs=err, psnr=psnr(y, ref))
-                rows.append(row)
-                db = "inf" if math.isinf(row["psnr"]) else f"{row['psnr']:.1f}"
-                print(f"| {model} | {op} | {row['input']} | {tile} | {m} | {r['seconds']:.2f} | "
-                      f"{row['ratio']:.2f} | {fmt_bytes(r['peak'])} | {fmt_bytes(r['parked'])} | {err:.2e} | {db} |",
-                      flush=True)
+            rows += measure_case(case, args, Path(tmp))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def measure_case(case: tuple, args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Every method of one case (untiled and ours ``--repeat`` times, interleaved); prints and returns the rows."""
+    model, op, shape, tile, methods = case
+    if args.methods:
+        methods = [m for m in methods if m == "untiled" or m in args.methods.split(",")]
+    results: dict[str, list[dict]] = {m: [] for m in methods}
+    outputs = {}
+    for r in range(max(args.repeat, 1)):
+        for m in methods:
+            if r and m == "diffusers":
+                continue
+            path = tmp / f"{m}.pt"
+            results[m].append(run_one(case, m, args, path))
+            if r == 0:
+                outputs[m] = torch.load(path) if "error" not in results[m][0] else None
+    ref, base = outputs["untiled"], statistics.median(r["seconds"] for r in results["untiled"])
+    rows = []
+    for m in methods:
+        y, first = outputs[m], results[m][0]
+        row = dict(model=model, op=op, input="x".join(map(str, shape)), tile=tile, method=m)
+        if y is None:
+            rows.append(dict(row, error=first["error"]))
+            print(f"| {model} | {op} | {row['input']} | {tile} | {m} | failed: {first['error']} | | | | | | |",
+                  flush=True)
+            continue
+        runs = [r["seconds"] for r in results[m]]
+        err = (y.double() - ref.double()).abs().max().item()
+        row.update(seconds=statistics.median(runs), runs=runs, ratio=statistics.median(runs) / base,
+                   peak=max(r["peak"] for r in results[m]), parked=first["parked"], max_abs=err, psnr=psnr(y, ref))
+        rows.append(row)
+        db = "inf" if math.isinf(row["psnr"]) else f"{row['psnr']:.1f}"
+        spread = f"{min(runs):.1f}-{max(runs):.1f}" if len(runs) > 1 else "1"
+        print(f"| {model} | {op} | {row['input']} | {tile} | {m} | {row['seconds']:.2f} | {row['ratio']:.2f} "
+              f"| {spread} | {fmt_bytes(row['peak'])} | {fmt_bytes(row['parked'])} | {err:.2e} | {db} |", flush=True)
+    return rows
 
 
 def _families(value: str) -> set[str]:
