@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import InvalidInputError
-from .geometry import Layout, Region, halo_regions
+from .geometry import Layout, Region, halo_regions, need
 from .norm import Moments, merge_all
 
 if TYPE_CHECKING:
@@ -211,15 +211,17 @@ def readers(steps, segments, i: int, n: int) -> list[list[Region]] | None:
     for j in range(i + 1, len(segments)):
         seg = segments[j]
         seg_steps = steps[seg.start : seg.stop]
-        at = [0] if j == i + 1 else [k + 1 for k, s in enumerate(seg_steps) if s.skip == nxt.start]
-        if not at:
+        joins = [] if j == i + 1 else [(k + 1, s) for k, s in enumerate(seg_steps) if s.skip == nxt.start]
+        if j != i + 1 and not joins:
             continue
         if seg.is_global:
             return None
         fps = [s.footprint for s in seg_steps]
         for core, r in zip(seg.layout, owners(seg.layout, n)):
             regions = halo_regions(fps, core, seg.size_in)
-            wanted[r].extend(regions[k] for k in at)
+            if j == i + 1:
+                wanted[r].append(regions[0])
+            wanted[r].extend(need(s.skip_footprint, regions[k], nxt.size_in) for k, s in joins)
     return wanted
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import distributed
 from .errors import TORCH_OOM, OutOfMemoryError
-from .geometry import POINTWISE, Footprint, Layout, Region, halo_regions, produced, sizes_along
+from .geometry import POINTWISE, Footprint, Layout, Region, halo_regions, need, produced, sizes_along
 from .norm import Moments, merge_all
 
 before_tile: Callable[[int, int, Region, int], None] | None = None
@@ -48,8 +48,10 @@ class Step:
     ``fn(x, ctx)`` runs the model's own module(s) on a tile; ``footprint`` says how it maps
     regions; ``is_global`` steps need the whole frame (attention); a step with ``norm`` normalises
     its input with whole-frame statistics; ``skip`` names an earlier step whose *input* is joined
-    to this step's result by ``join(result, skip_input)`` (a residual that spans a GroupNorm); the
-    join runs after cropping, so it reads the skip input only where this step's output is kept.
+    to this step's result by ``join(result, skip_input)`` (a residual that spans a GroupNorm, or a
+    level of blocks); the join runs after cropping, so it reads the skip input only where this
+    step's output is kept. A residual that changes resolution (Wan 2.2's ``DupUp3D``) passes the skip
+    input through ``shortcut(x, ctx)`` first, and ``skip_footprint`` says how that maps regions.
     """
 
     name: str
@@ -60,6 +62,8 @@ class Step:
     norm: nn.GroupNorm | None = None
     skip: int | None = None
     join: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    shortcut: Callable[[torch.Tensor, Ctx], torch.Tensor] | None = None  # applied to the skip input first
+    skip_footprint: Footprint = POINTWISE  # from the skip input to this step's output
     cache_slots: int = 0
     time_scale: Fraction = Fraction(1)  # frames out per frame in, for chunks after the first
     work: float = 0.0  # multiply-adds per output pixel and frame, for the planner
@@ -285,10 +289,11 @@ def stream(
     """Run a temporal ``net`` on a stream of input time chunks (or a whole clip); yields the output
     window by window."""
     groups = passes(segments)
+    total = len(chunks.chunks()) if isinstance(chunks, Frames) else None  # a stream's end is not known
     flow: Iterable[torch.Tensor] | Frames = chunks
     for k, group in enumerate(groups):
         last = k == len(groups) - 1
-        done = _run_pass(net, group, flow, run, run.output if last else run.park, segments)
+        done = _run_pass(net, group, flow, run, run.output if last else run.park, segments, total)
         if last:
             yield from (window.tensor for window in done)
         else:
@@ -296,19 +301,27 @@ def stream(
 
 
 def _run_pass(net: Network, group, chunks: Iterable[torch.Tensor] | Frames, run: Run, target,
-              every: Sequence) -> Iterator[Frames]:
-    """One pass: its windows one after the other, each through all the pass's segments."""
+              every: Sequence, total: int | None = None) -> Iterator[Frames]:
+    """One pass: its windows one after the other, each through all the pass's segments.
+
+    ``total``: chunks in the clip, when known; the caches of its last window are then dropped tile
+    by tile instead of being kept for a window that never comes (a single image or a short clip
+    holds one tile's caches, not every tile's).
+    """
     size = window_of(group[0][1])
     caches = Caches(run.device, run.caches if size is not None else None)
     for window in _windows(chunks, size):
-        yield _run_window(net, [seg for _, seg in group], window, caches, run, target, [i for i, _ in group], every)
+        ends = total is not None and window.start + len(window.chunks()) >= total
+        yield _run_window(net, [seg for _, seg in group], window, caches, run, target, [i for i, _ in group], every,
+                          ends)
 
 
 def _run_window(net: Network, segments: Sequence, cur: Frames, caches: Caches, run: Run, target,
-                keys: Sequence[int] | None = None, every: Sequence | None = None) -> Frames:
+                keys: Sequence[int] | None = None, every: Sequence | None = None, ends: bool = False) -> Frames:
     """Run ``cur`` (one window of frames, or a whole image) through ``segments`` in order.
 
-    ``keys``: the segments' indices in the plan's list ``every`` (default: ``segments`` is the plan).
+    ``keys``: the segments' indices in the plan's list ``every`` (default: ``segments`` is the plan);
+    ``ends``: no window follows this one.
     """
     steps = net.steps
     keys = list(range(len(segments))) if keys is None else keys
@@ -332,7 +345,8 @@ def _run_window(net: Network, segments: Sequence, cur: Frames, caches: Caches, r
             cur, pending = _run_global(steps[seg.start], cur, stats.get(seg.start), groups, out_to, run)
         else:
             reuse = _reusable(steps, seg, kept, out_to, cur)
-            state = _TileCaches(caches, keys[i], keep=window_of(seg) is not None)
+            windowed = window_of(seg) is not None
+            state = _TileCaches(caches, keys[i], carried=windowed and cur.start > 0, keep=windowed and not ends)
             cur, pending = _run_tiled(net, seg, cur, kept, stats, groups, out_to, run, skip_sources, reuse, state)
             if run.ranks is not None:  # distributed: what later tiles read from other ranks; moments all-reduced
                 cur = distributed.assemble(cur, steps, every, keys[i], run.ranks, out_to, run.device)
@@ -349,7 +363,8 @@ class _TileCaches:
 
     caches: Caches
     segment: int
-    keep: bool
+    carried: bool  # the tiles' caches come from earlier windows
+    keep: bool  # a later window needs them
 
     def take(self, tile: int, steps: Sequence[Step]) -> list[list]:
         return self.caches.take((self.segment, tile), steps)
@@ -426,7 +441,7 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
             del parts[mark:]
             caches = None
             _free(run.device)
-            if state.keep and cur.start > 0:
+            if state.carried:
                 raise _Restart(state.segment, ti, cur.start)
             layout = retile.shrink(state.segment, ti)
             todo = list(range(ti, len(layout)))
@@ -454,6 +469,7 @@ def _run_tile(steps: Sequence[Step], start: int, cur: Frames, core: Region, cach
     """One tile of a segment (steps ``start:``), chunk by chunk: its output pieces on ``target``;
     the moments of each piece are appended to ``parts``."""
     regions = halo_regions([s.footprint for s in steps], core, cur.size)
+    sizes = sizes_along([s.footprint for s in steps], cur.size)
     pieces = []
     for ci, chunk in enumerate(cur.chunks()):
         if before_tile is not None:
@@ -465,13 +481,19 @@ def _run_tile(steps: Sequence[Step], start: int, cur: Frames, core: Region, cach
             if idx in skip_sources:
                 inputs[idx] = (t, regions[k])
             got = produced(step.footprint, regions[k])
-            t = crop(step.fn(t, Ctx(caches[k], cur.start + ci == 0, stats.get(idx))), got, regions[k + 1])
+            ctx = Ctx(caches[k], cur.start + ci == 0, stats.get(idx))
+            t = crop(step.fn(t, ctx), got, regions[k + 1])
             if step.skip is not None:
-                if step.skip in inputs:
-                    skip = crop(*inputs[step.skip], regions[k + 1])
+                inside = step.skip in inputs
+                size = sizes[step.skip - start] if inside else kept[step.skip].size
+                want = need(step.skip_footprint, regions[k + 1], size)
+                if inside:
+                    skip = crop(*inputs[step.skip], want)
                 else:
                     src = kept[step.skip]
-                    skip = src.read(src.chunks()[ci], regions[k + 1]).to(run.device)
+                    skip = src.read(src.chunks()[ci], want).to(run.device)
+                if step.shortcut is not None:
+                    skip = crop(step.shortcut(skip, ctx), produced(step.skip_footprint, want), regions[k + 1])
                 t = step.join(t, skip)
         if groups:
             parts.append(Moments.of(t, groups))

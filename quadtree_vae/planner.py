@@ -513,7 +513,7 @@ def _segment(net: Network, est: _Estimator, span: _Span, sizes, image, tile, pro
 def _shapes_only(net: Network) -> Network:
     """``net`` without the model: the steps keep their footprints, channels and costs but no
     modules, so a plan can re-estimate a segment without keeping the VAE alive, and pickles."""
-    steps = [replace(s, fn=None, norm=None, join=None) for s in net.steps]
+    steps = [replace(s, fn=None, norm=None, join=None, shortcut=None) for s in net.steps]
     return Network(net.name, steps, net.in_channels, None)
 
 

@@ -59,6 +59,19 @@ def qwen_tiny(seed: int = 0, **overrides):
     return seeded(AutoencoderKLQwenImage, seed, **config)
 
 
+TI2V = dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+            patch_size=2, scale_factor_spatial=16)  # the released Wan 2.2 TI2V-5B VAE config
+
+
+def wan22_tiny(seed: int = 0, **overrides):
+    """Wan 2.2's TI2V architecture (residual levels, 2x2 patchify) at tiny widths."""
+    from diffusers import AutoencoderKLWan
+
+    config = dict(TI2V, base_dim=8, decoder_base_dim=16, z_dim=8)
+    config.update(overrides)
+    return seeded(AutoencoderKLWan, seed, **config)
+
+
 def sd_tiny(seed: int = 0, **overrides):
     from diffusers import AutoencoderKL
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import qwen_tiny, sd_tiny, video, wan_tiny
+from conftest import qwen_tiny, sd_tiny, video, wan22_tiny, wan_tiny
 
 import quadtree_vae as qv
 
@@ -26,6 +26,8 @@ def cases():
     return {
         "wan_decode": (wan_tiny, "decode", latent(1, 4, 3, 5, 7), {}),
         "wan_decode_tiles": (wan_tiny, "decode", latent(1, 4, 2, 5, 7, seed=1), {"tile": 24}),
+        # Wan 2.2: the upsampler's DupUp3D join reads the level's input, kept from an earlier segment
+        "wan22_decode_tiles": (wan22_tiny, "decode", latent(1, 8, 2, 6, 8, seed=9), {"tile": 48}),
         "qwen_decode_tiles": (qwen_tiny, "decode", latent(1, 4, 2, 4, 6, seed=5), {"tile": 24}),
         "wan_encode": (wan_tiny, "encode", video(1, 5, 32, 48), {}),
         "wan_encode_tiles": (wan_tiny, "encode", video(1, 5, 32, 48, seed=2), {"tile": 24}),

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import quadtree_vae as qv
+from quadtree_vae import engine
 from quadtree_vae.engine import Network, Run, Step, execute
 from quadtree_vae.geometry import full, grid
 
@@ -162,6 +163,33 @@ def test_first_marks_only_the_first_chunk_of_the_clip_and_caches_carry_over():
                                                                torch.device("cpu")))
     assert y.shape == (1, 1, 5, 2, 2)
     assert seen == [(True, 1), (False, 2), (False, 3), (False, 4), (False, 5)]
+
+
+def test_caches_of_the_last_window_are_dropped_tile_by_tile(monkeypatch):
+    """No window follows the last one of a clip of known length, so no tile keeps its caches for it
+    (one image: one tile's caches alive, not every tile's); a stream of unknown length keeps them."""
+    kept = []
+    monkeypatch.setattr(engine.Caches, "put", lambda self, key, caches: kept.append(key))
+
+    def count(x, ctx):
+        ctx.cache[0] = (ctx.cache[0] or 0) + 1
+        return x
+
+    net = Network("counter", [Step("count", count, (1, 1), cache_slots=1)], 1, chunks=lambda t: [1] * t)
+
+    class Seg:
+        start, stop, is_global, layout, window, size_out = 0, 1, False, grid(2, 2, xs=[1]), 2, (2, 2)
+
+    cpu = torch.device("cpu")
+    x = torch.zeros(1, 1, 5, 2, 2)
+    execute(net, [Seg()], x, Run(cpu, cpu, cpu))
+    assert kept == [(0, 0), (0, 1), (0, 0), (0, 1)]  # windows from chunks 0 and 2; none from the last (4)
+    kept.clear()
+    execute(net, [Seg()], x[:, :, :1], Run(cpu, cpu, cpu))
+    assert kept == []
+    kept.clear()
+    list(engine.stream(net, [Seg()], iter(x.split(1, dim=2)), Run(cpu, cpu, cpu)))
+    assert kept == [(0, 0), (0, 1)] * 3
 
 
 # ------------------------------------------------------------------------------------------- plans

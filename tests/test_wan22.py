@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import max_diff, random_layouts, seeded, untiled_decode, untiled_encode, video
+from conftest import TI2V, max_diff, random_layouts, seeded, untiled_decode, untiled_encode, video, wan22_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import quadtree_vae as qv
-from quadtree_vae import adapters
+from quadtree_vae import adapters, planner
 from quadtree_vae.errors import InvalidInputError
 from quadtree_vae.geometry import Aligned, Conv, Region, chain, grid, halo_regions, same, sizes_along
 
@@ -18,18 +18,6 @@ TOL = 1e-4
 # (tile, what it exercises) on a 48x80 frame (latent 3x5): none of these divides it
 TILES = [48, (48, 64), (48, 320), 400]
 TILE_IDS = ["48", "48x64", "strips", "larger-than-frame"]
-TI2V = dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
-            patch_size=2, scale_factor_spatial=16)  # the released Wan 2.2 TI2V-5B VAE config
-
-
-def wan22_tiny(seed: int = 0, **overrides):
-    from diffusers import AutoencoderKLWan
-
-    config = dict(TI2V, base_dim=8, decoder_base_dim=16, z_dim=8)
-    config.update(overrides)
-    return seeded(AutoencoderKLWan, seed, **config)
-
-
 def qwen21_tiny(seed: int = 0, **overrides):
     from diffusers import AutoencoderKLQwenImage21
 
@@ -191,3 +179,21 @@ def test_qwen21_default_config_at_small_size():
     ref = untiled_encode(model, x)
     assert max_diff(qv.encode(model, x, tile=32), ref) <= TOL
     assert max_diff(qv.decode(model, ref, tile=32), untiled_decode(model, ref)) <= TOL
+
+
+@pytest.mark.parametrize("t", [1, 9])
+def test_up_level_shortcut_inside_one_segment(wan22, monkeypatch, t):
+    """With no cuts but the forced ones, a whole up level (resnets, upsampler and its ``DupUp3D``
+    join) runs inside one tiled segment: the join reads the level's input from the tile's own
+    input, at half the output's region (elsewhere the plan cuts before the upsampler)."""
+    forced = planner.cut_points
+    monkeypatch.setattr(planner, "cut_points", lambda net, mode, resolution=True: forced(net, mode, False))
+    z = torch.randn(1, 8, 1 + (t - 1) // 4, 6, 8, generator=torch.Generator().manual_seed(t))
+    plan = qv.plan(wan22, z.shape, op="decode")
+    steps = adapters.adapter_for(wan22).decoder(wan22).steps
+    names = [[step.name for step in steps[s.start : s.stop]] for s in plan.segments]
+    assert any("decoder.up_blocks.1.resnets.0" in n and "decoder.up_blocks.1.upsampler" in n for n in names)
+    plan = plan.with_layouts({i: grid(*s.size_out, ys=[s.size_out[0] // 3], xs=[s.size_out[1] // 2 + 1])
+                              for i, s in enumerate(plan.segments) if not s.is_global})
+    assert max_diff(qv.decode(wan22, z, plan=plan), untiled_decode(wan22, z)) <= TOL
+

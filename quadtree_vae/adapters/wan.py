@@ -9,9 +9,12 @@ chunks of four; the decoder one latent frame at a time (the first with ``first_c
 
 Wan 2.2 and Qwen-Image 2.1 use residual down/up blocks: each level's resnets and resampler plus a
 parameter-free shortcut (``AvgDown3D``: average of 2x2(x2) cells folded into channels;
-``DupUp3D``: the reverse, duplicating). A level is one step run by the model's own ``forward``;
-the shortcut reads a subset of what the main path reads, and the average pool reads whole 2x2
-cells, so a down level's footprint is its main path widened to even positions (``Aligned``).
+``DupUp3D``: the reverse, duplicating). A down level is one step run by the model's own
+``forward``: the shortcut reads a subset of what the main path reads, and the average pool reads
+whole 2x2 cells, so its footprint is its main path widened to even positions (``Aligned``); the
+plan cuts after a downsampler anyway. An up level is its resnets and upsampler as separate steps,
+with the duplicating shortcut as a join that changes resolution, so the plan can cut before the
+upsampler (the decoder's last levels run at the largest sizes, where a wide halo costs most).
 Wan 2.2 folds 2x2 pixels into channels before the encoder (``patchify``) and unfolds them after
 the decoder; both are steps (space-to-depth = a 2x2 stride-2 footprint, its inverse = 2x upsampling).
 Qwen-Image 2.1's causal convs are 2-D convs on a single frame: it takes one frame (T = 1) only.
@@ -19,6 +22,7 @@ Qwen-Image 2.1's causal convs are 2-D convs on a single frame: it takes one fram
 
 from __future__ import annotations
 
+from dataclasses import replace
 from fractions import Fraction
 
 import torch
@@ -183,23 +187,36 @@ def _down_level(name: str, level: nn.Module, vae: nn.Module) -> Step:
                 work=conv_work(level), temporaries=4.0)
 
 
-def _up_level(name: str, level: nn.Module, vae: nn.Module) -> Step:
-    """A residual up level: ``resnets -> upsampler`` plus the ``DupUp3D`` of the level's input.
+def _up_level(name: str, level: nn.Module, index: int, vae: nn.Module) -> list[Step]:
+    """A residual up level as its resnets and upsampler, the ``DupUp3D`` of the level's input joined
+    to the upsampler's output (``index``: where the first resnet lands in the step list).
 
-    The duplicating shortcut reads a subset of what the main path reads. On the first chunk the
-    model drops the shortcut's leading duplicated frame (``first_chunk``), as its upsampler does.
+    As separate steps the plan can cut inside the level, before its upsampler, as in Wan 2.1; the
+    duplicating shortcut changes resolution, so the join reads the level's input at half the
+    output's region. On the first chunk the model drops the shortcut's leading duplicated frame
+    (``first_chunk``), as its upsampler does.
     """
-    main, slots, scale = _level(name, level, level.upsampler, vae)
+    for j, r in enumerate(level.resnets):
+        if not isinstance(r, RESIDUAL):
+            raise unsupported(vae, f"{name}.resnets.{j} is a {type(r).__name__}")
+    steps = [_block(f"{name}.resnets.{j}", r, vae) for j, r in enumerate(level.resnets)]
     dup = level.avg_shortcut
-    if dup is not None and (dup.factor_s, Fraction(dup.factor_t)) != (main.scale[0], scale):
-        raise unsupported(vae, f"{name}.avg_shortcut duplicates {dup.factor_s}x{dup.factor_t} but the main path "
-                               f"resamples {main.scale[0]}x{scale}")
+    if (dup is None) != (level.upsampler is None):
+        raise unsupported(vae, f"{name} has a shortcut but no upsampler, or the reverse")
+    if dup is None:
+        return steps
+    up = _block(f"{name}.upsampler", level.upsampler, vae)
+    if (dup.factor_s, Fraction(dup.factor_t)) != (up.footprint.scale[0], up.time_scale):
+        raise unsupported(vae, f"{name}.avg_shortcut duplicates {dup.factor_s}x{dup.factor_t} but the upsampler "
+                               f"makes {up.footprint.scale[0]}x{up.time_scale}")
 
-    def fn(x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
-        return level(x, feat_cache=ctx.cache, feat_idx=[0], first_chunk=ctx.first)
+    def shortcut(x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+        return dup(x, first_chunk=ctx.first)
 
-    return Step(name, fn, (level.in_dim, level.out_dim), main, cache_slots=slots, time_scale=scale,
-                work=conv_work(level), temporaries=4.0)
+    def join(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return h.add_(skip)
+
+    return [*steps, replace(up, skip=index, join=join, shortcut=shortcut, skip_footprint=Up(dup.factor_s))]
 
 
 def _patchify(vae: nn.Module) -> Step:
@@ -268,7 +285,7 @@ def decoder(vae: nn.Module, mode: str = "exact") -> Network:
     for i, up in enumerate(dec.up_blocks):
         name = f"decoder.up_blocks.{i}"
         if isinstance(up, UP_LEVEL):
-            steps.append(_up_level(name, up, vae))
+            steps += _up_level(name, up, len(steps), vae)
             continue
         if not isinstance(up, UP_BLOCK):
             raise unsupported(vae, f"{name} is a {type(up).__name__}")
