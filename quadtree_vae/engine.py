@@ -432,7 +432,7 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
         mark = len(parts)
         try:
             pieces = _run_tile(steps, seg.start, cur, core, caches, kept, stats, groups, target, run, skip_sources,
-                               parts, (state.segment, ti))
+                               parts, (state.segment, ti), release=not state.keep)
         except TORCH_OOM:
             if retile is None:
                 raise
@@ -465,9 +465,12 @@ def _run_tiled(net: Network, seg, cur: Frames, kept, stats, groups, target, run:
 
 
 def _run_tile(steps: Sequence[Step], start: int, cur: Frames, core: Region, caches: list[list], kept, stats, groups,
-              target, run: Run, skip_sources, parts: list[Moments], where: tuple[int, int]) -> list[torch.Tensor]:
+              target, run: Run, skip_sources, parts: list[Moments], where: tuple[int, int],
+              release: bool = False) -> list[torch.Tensor]:
     """One tile of a segment (steps ``start:``), chunk by chunk: its output pieces on ``target``;
-    the moments of each piece are appended to ``parts``."""
+    the moments of each piece are appended to ``parts``. With ``release`` (no later window needs
+    the tile's caches) each step's cache is emptied once it has run the last chunk, so a tile of a
+    single image holds one step's caches at a time, not every step's."""
     regions = halo_regions([s.footprint for s in steps], core, cur.size)
     sizes = sizes_along([s.footprint for s in steps], cur.size)
     pieces = []
@@ -483,6 +486,8 @@ def _run_tile(steps: Sequence[Step], start: int, cur: Frames, core: Region, cach
             got = produced(step.footprint, regions[k])
             ctx = Ctx(caches[k], cur.start + ci == 0, stats.get(idx))
             t = crop(step.fn(t, ctx), got, regions[k + 1])
+            if release and ci == len(cur.chunks()) - 1:
+                caches[k][:] = [None] * len(caches[k])
             if step.skip is not None:
                 inside = step.skip in inputs
                 size = sizes[step.skip - start] if inside else kept[step.skip].size

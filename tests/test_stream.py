@@ -3,6 +3,8 @@ and frame count; what a plan holds does not grow with the clip."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from conftest import max_diff, seeded, untiled_decode, untiled_encode, video
@@ -190,6 +192,32 @@ def test_caches_of_the_last_window_are_dropped_tile_by_tile(monkeypatch):
     kept.clear()
     list(engine.stream(net, [Seg()], iter(x.split(1, dim=2)), Run(cpu, cpu, cpu)))
     assert kept == [(0, 0), (0, 1)] * 3
+
+
+def test_a_step_cache_is_emptied_once_the_last_chunk_has_run():
+    """Caches no later window needs are let go step by step within a tile on its last chunk (a
+    single image holds one step's caches at a time); on earlier chunks they carry over."""
+    refs, alive = [], []
+
+    def store(x, ctx):
+        value = torch.ones(1)
+        ctx.cache[0] = value
+        refs.append(weakref.ref(value))
+        return x
+
+    def check(x, ctx):
+        alive.append(refs[-1]() is not None)
+        return x
+
+    steps = [Step("store", store, (1, 1), cache_slots=1), Step("check", check, (1, 1))]
+    net = Network("store", steps, 1, chunks=lambda t: [1] * t)
+
+    class Seg:
+        start, stop, is_global, layout, window, size_out = 0, 2, False, (full(2, 2),), None, (2, 2)
+
+    cpu = torch.device("cpu")
+    execute(net, [Seg()], torch.zeros(1, 1, 3, 2, 2), Run(cpu, cpu, cpu))
+    assert alive == [True, True, False]
 
 
 # ------------------------------------------------------------------------------------------- plans
