@@ -18,6 +18,7 @@ memory and error, runs once.
     python benchmarks/bench.py --only wan22,flux2  # families: wan, wan22, qwen, sd, flux2 (comma-separated)
     python benchmarks/bench.py --only sd --methods exact,fast
     python benchmarks/bench.py --only sd --methods exact,fast --repeat 3   # medians of 3 interleaved runs
+    python benchmarks/bench.py --only sd --inputs 1x3x512x512 --methods exact --repeat 7
     python benchmarks/bench.py --device cuda
     python benchmarks/bench.py --quick             # tiny widths, half the sides: checks the script runs
 """
@@ -162,6 +163,7 @@ def main() -> None:
     ap.add_argument("--methods", help="comma-separated subset of untiled,diffusers,exact,fast (untiled always runs)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--inputs", help="comma-separated input shapes to keep, as the table writes them (1x3x512x512)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of untiled and our modes, interleaved; medians")
     ap.add_argument("--json", default="benchmarks/results.json", help="where to write the rows")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -171,6 +173,8 @@ def main() -> None:
         return child(args)
 
     cases = [c for c in CASES if args.only is None or c[0] in args.only]
+    if args.inputs:
+        cases = [c for c in cases if "x".join(map(str, c[2])) in args.inputs.split(",")]
     if args.quick:
         cases = [quick_case(c) for c in cases]
     rows = []

@@ -18,7 +18,7 @@ warm-up on a 1-frame 8x8 latent (64x64 pixels).
 short clip of random latents at the same size and compares their whole peak resident sets
 (``wait4``'s ``ru_maxrss``) less the latent tensor, which the command holds by design.
 
-    python benchmarks/memory_bench.py                          # the table (hours on 2 busy CPU cores)
+    python benchmarks/memory_bench.py                          # the table (about 50 minutes on 2 CPU cores)
     python benchmarks/memory_bench.py --ops decode --frames 3,11 --methods untiled,ours
     python benchmarks/memory_bench.py --clip-rss               # 241 vs 41 frames, 128x128
     python benchmarks/memory_bench.py --clip-rss --vae random:wan2.1:tiny --tile 0
