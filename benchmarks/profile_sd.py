@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    vae = build("sd", "cpu")
+    vae = build("sd", "cpu", tiny=False)
     with torch.no_grad():
         if args.profile:
             return profile(vae, args.profile, args.size[0], args.top)
