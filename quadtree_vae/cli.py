@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     g.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
     g.add_argument("--mode", choices=MODES, default="exact",
-                   help="exact: equal to the untiled model; fast: GroupNorm statistics estimated once")
+                   help="exact: equal to the untiled model; fast: less memory, GroupNorm statistics "
+                        "estimated from a subsampled pass (approximate, SD family)")
     o = common.add_argument_group("output")
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notes (warnings still show)")

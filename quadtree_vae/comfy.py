@@ -397,8 +397,8 @@ _BUDGET = ("FLOAT", {
 })
 _MODE = (list(MODES), {
     "default": "exact",
-    "tooltip": "exact: equal to the untiled VAE. fast: fewer passes, GroupNorm statistics estimated "
-               "from a downscaled pass (SD-family VAEs; same as exact for Wan).",
+    "tooltip": "exact: equal to the untiled VAE. fast: less memory, not less time: GroupNorm statistics "
+               "estimated from a subsampled pass, approximate (SD-family VAEs; same as exact for Wan).",
 })
 _FALLBACK = (list(FALLBACKS), {
     "default": "error",
